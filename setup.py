@@ -1,0 +1,31 @@
+"""
+Builds nanoslm's native extension, _nanoslm, from csrc/ (C++17, -O3, threads, the GIL released).
+
+    pip install -e . --no-build-isolation     # or: python setup.py build_ext --inplace
+"""
+import sys
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import setup
+
+compile_args = ["/O2", "/std:c++17"] if sys.platform == "win32" else ["-O3", "-std=c++17", "-pthread"]
+link_args = [] if sys.platform == "win32" else ["-pthread"]
+
+setup(
+    name="nanoslm",
+    version="0.1.0",
+    description="Build a small language model from scratch on one machine",
+    py_modules=["tokenizer", "data", "prepare", "configurator"],
+    ext_modules=[
+        Pybind11Extension(
+            "_nanoslm",
+            sorted(["csrc/bindings.cpp", "csrc/pretokenize.cpp", "csrc/encoder.cpp", "csrc/trainer.cpp",
+                    "csrc/batch.cpp"]),
+            depends=["csrc/bpe.h", "csrc/unicode_table.h"],
+            extra_compile_args=compile_args,
+            extra_link_args=link_args,
+            cxx_std=17,
+        )
+    ],
+    cmdclass={"build_ext": build_ext},
+    python_requires=">=3.9",
+)
