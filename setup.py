@@ -4,8 +4,10 @@ Builds nanoslm's native extension, _nanoslm, from csrc/ (C++17, -O3, threads, th
     pip install -e . --no-build-isolation     # or: python setup.py build_ext --inplace
 """
 import sys
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import setup
+
+ParallelCompile("NPY_NUM_BUILD_JOBS").install()  # compile the .cpp files in parallel
 
 compile_args = ["/O2", "/std:c++17"] if sys.platform == "win32" else ["-O3", "-std=c++17", "-pthread"]
 link_args = [] if sys.platform == "win32" else ["-pthread"]

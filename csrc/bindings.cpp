@@ -31,10 +31,21 @@ std::vector<std::string_view> utf8_views(const py::list& texts) {
     return views;
 }
 
+// Building the result list is most of the cost of a call: a fresh Python int per id would take longer
+// than encoding. Ids are small, so each distinct one is created once and shared (a reference count bump).
+constexpr Rank kCachedInts = 1 << 18;
+PyObject* id_object(Rank id) {
+    static std::vector<PyObject*> cache(kCachedInts, nullptr);  // lives as long as the process; GIL held
+    if (id >= kCachedInts) return PyLong_FromUnsignedLong(id);
+    if (!cache[id]) cache[id] = PyLong_FromUnsignedLong(id);
+    Py_INCREF(cache[id]);
+    return cache[id];
+}
+
 py::list to_py_list(const std::vector<Rank>& ids) {
     PyObject* list = PyList_New(Py_ssize_t(ids.size()));
     if (!list) throw py::error_already_set();
-    for (size_t i = 0; i < ids.size(); ++i) PyList_SET_ITEM(list, Py_ssize_t(i), PyLong_FromUnsignedLong(ids[i]));
+    for (size_t i = 0; i < ids.size(); ++i) PyList_SET_ITEM(list, Py_ssize_t(i), id_object(ids[i]));
     return py::reinterpret_steal<py::list>(list);
 }
 

@@ -1,0 +1,158 @@
+"""
+Tokenizer speed against the peers, measured in one run on the same text:
+encoding MB/s (one thread, then all threads) against tiktoken and Hugging Face `tokenizers` with the same
+GPT-2 vocabulary, and BPE training time against Hugging Face's BpeTrainer.
+
+    python bench/bench_tokenizer.py              # the bundled TinyStories text (4.3 MB)
+    python bench/bench_tokenizer.py --repeat=5
+
+Every figure is the median of --repeat runs after one warm-up. Ids are checked equal before timing.
+"""
+import argparse
+import gzip
+import os
+import platform
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import tiktoken  # noqa: E402
+import tokenizers  # noqa: E402
+from tiktoken.load import load_tiktoken_bpe  # noqa: E402
+from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
+
+from tokenizer import EOT, GPT2_PATTERN, GPT2_RANKS, Tokenizer, default_num_threads  # noqa: E402
+
+
+def machine() -> str:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {default_num_threads()} threads, Python {platform.python_version()}"
+
+
+def load_text():
+    """The bundled TinyStories text: stories of the train file, paragraphs of the validation file."""
+    def read(name):
+        with gzip.open(os.path.join(ROOT, "data", "tinystories_sample", name), "rt", encoding="utf-8") as f:
+            return f.read()
+    docs = [d.strip("\n") for d in read("train.txt.gz").split(EOT)]
+    docs += read("valid_blankline_separated.txt.gz").split("\n\n")
+    docs = [d for d in docs if d.strip()]
+    return "\n\n".join(docs), docs
+
+
+def timed(fn, repeat):
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def hf_gpt2_from_ranks(ranks):
+    """A Hugging Face byte-level BPE with the GPT-2 vocabulary, rebuilt from the tiktoken ranks file:
+    each token's merge is the last step of BPE-encoding its bytes with the ranks below its own."""
+    byte_to_char = dict(enumerate(_bytes_to_unicode()))  # the printable stand-ins HF uses for bytes
+    to_str = lambda bs: "".join(byte_to_char[b] for b in bs)  # noqa: E731
+    vocab = {to_str(token): rank for token, rank in ranks.items()}
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            pair_ranks = [ranks.get(parts[i] + parts[i + 1], 1 << 30) for i in range(len(parts) - 1)]
+            i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        merges.append((to_str(parts[0]), to_str(parts[1])))
+    hf = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    return hf
+
+
+def _bytes_to_unicode():
+    """GPT-2's reversible byte -> printable character table, the one HF's ByteLevel uses."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def bench_encode(text, docs, repeat):
+    ours = Tokenizer.gpt2()
+    ranks = load_tiktoken_bpe(GPT2_RANKS)
+    ref = tiktoken.Encoding(name="gpt2", mergeable_ranks=ranks, special_tokens={EOT: 50256}, pat_str=GPT2_PATTERN)
+    hf = hf_gpt2_from_ranks(ranks)
+    threads = default_num_threads()
+
+    assert ours.encode_ordinary(text) == ref.encode_ordinary(text), "ids differ from tiktoken"
+    sample = docs[:200]
+    hf_same = [e.ids for e in hf.encode_batch(sample, add_special_tokens=False)] == ref.encode_ordinary_batch(sample)
+    megabytes = len(text.encode("utf-8")) / 1e6
+    print(f"\nencoding {megabytes:.1f} MB ({len(docs):,} documents), GPT-2 vocabulary"
+          f" (HF ids equal to tiktoken's: {hf_same})")
+    rows = [
+        ("1 thread", "nanoslm encode_ordinary(text)", lambda: ours.encode_ordinary(text)),
+        ("1 thread", "tiktoken encode_ordinary(text)", lambda: ref.encode_ordinary(text)),
+        ("1 thread", "HF tokenizers encode(doc) per doc", lambda: [hf.encode(d, add_special_tokens=False) for d in docs]),
+        (f"{threads} threads", "nanoslm encode_batch(docs)", lambda: ours.encode_batch(docs, num_threads=threads)),
+        (f"{threads} threads", "tiktoken encode_ordinary_batch(docs)",
+         lambda: ref.encode_ordinary_batch(docs, num_threads=threads)),
+        (f"{threads} threads", "HF tokenizers encode_batch(docs)",
+         lambda: hf.encode_batch(docs, add_special_tokens=False)),
+    ]
+    speeds = {}
+    for group, name, fn in rows:
+        speeds[name] = megabytes / timed(fn, repeat)
+        print(f"  {group:<10} {name:<40} {speeds[name]:7.1f} MB/s")
+    print(f"  ratio 1 thread:  {speeds[rows[0][1]] / speeds[rows[1][1]]:.2f}x tiktoken, "
+          f"{speeds[rows[0][1]] / speeds[rows[2][1]]:.2f}x HF tokenizers")
+    print(f"  ratio {threads} threads: {speeds[rows[3][1]] / speeds[rows[4][1]]:.2f}x tiktoken, "
+          f"{speeds[rows[3][1]] / speeds[rows[5][1]]:.2f}x HF tokenizers")
+
+
+def bench_train(docs, repeat):
+    megabytes = sum(len(d.encode("utf-8")) for d in docs) / 1e6
+    print(f"\nBPE training on {megabytes:.1f} MB ({len(docs):,} documents)")
+    for vocab_size in (4096, 8192):
+        ours = timed(lambda: Tokenizer.train(docs, vocab_size), repeat)
+
+        def hf_train():
+            hf = tokenizers.Tokenizer(models.BPE())
+            hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+            hf.train_from_iterator(docs, trainer)
+        peer = timed(hf_train, repeat)
+        print(f"  vocab {vocab_size}: nanoslm {ours:.3f} s, HF BpeTrainer {peer:.3f} s -> {peer / ours:.1f}x faster")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    print(f"machine: {machine()}")
+    print(f"versions: tiktoken {tiktoken.__version__}, tokenizers {tokenizers.__version__}")
+    text, docs = load_text()
+    bench_encode(text, docs, args.repeat)
+    bench_train(docs, args.repeat)
+
+
+if __name__ == "__main__":
+    main()
