@@ -1,0 +1,81 @@
+"""
+Settings from config files and the command line, for train.py, sample.py and finetune.py.
+
+    python train.py config/quickstart.py --batch_size=16 --learning_rate=3e-4
+
+A script keeps its settings as plain globals with defaults, then calls
+    globals().update(configure(settings_of(globals()), sys.argv[1:]))
+Each argument is either a config file -- plain Python that assigns some of those globals -- or
+--key=value (--flag alone sets a boolean to True), applied in order, so later ones win. Values are Python literals (parsed with
+ast.literal_eval; anything that is not a literal is taken as a string) and must have the default's type
+(an int is accepted where a float is expected). An unknown key is an error that names the closest ones.
+"""
+import ast
+import difflib
+import os
+
+SETTING_TYPES = (bool, int, float, str, tuple, list, type(None))
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def settings_of(namespace: dict) -> dict:
+    """The configurable globals of a script: public names bound to plain values."""
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and isinstance(v, SETTING_TYPES)}
+
+
+def _unknown_key(key, known):
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(known))}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _checked(key, value, default):
+    if default is None or value is None:
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not type(default):
+        raise ConfigError(f"{key} must be {type(default).__name__} like its default {default!r}, "
+                          f"got {type(value).__name__} {value!r}")
+    return value
+
+
+def _parse_value(text: str):
+    if text in ("true", "false"):
+        return text == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word, e.g. --device=cuda
+
+
+def configure(defaults: dict, argv) -> dict:
+    """Apply config files and --key=value overrides in argv to defaults; return all settings."""
+    settings = dict(defaults)
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                raise ConfigError(f"config file {arg!r} not found (arguments are config files or --key=value)")
+            namespace = {}
+            with open(arg) as f:
+                exec(compile(f.read(), arg, "exec"), namespace)
+            for key, value in settings_of(namespace).items():
+                if key not in settings:
+                    raise ConfigError(f"in {arg}: " + str(_unknown_key(key, settings)))
+                settings[key] = _checked(key, value, defaults[key])
+        else:
+            key, sep, text = arg[2:].partition("=")
+            if key not in settings:
+                raise _unknown_key(key, settings)
+            if not sep:
+                if not isinstance(defaults[key], bool):
+                    raise ConfigError(f"expected --{key}=value, got {arg!r}")
+                text = "True"  # --show_probs is --show_probs=True
+            value = _parse_value(text)
+            if isinstance(defaults[key], str) and not isinstance(value, str):
+                value = text  # --out_dir=2024 is the string "2024"
+            settings[key] = _checked(key, value, defaults[key])
+    return settings

@@ -1,0 +1,326 @@
+"""
+The GPT: a decoder-only transformer in one file, read top to bottom in the order it runs.
+
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, vocab_size=50257))
+    logits, _ = model(idx)                 # (B, T, vocab_size)
+    _, loss = model(idx, targets)          # next-token cross-entropy; logits are not materialised
+    out = model.generate(idx, max_new_tokens=100, temperature=0.8, top_k=50)
+
+Options (GPTConfig): learned or rotary positions, LayerNorm or RMSNorm, GELU or SwiGLU MLP, biases,
+tied input/output embeddings. GPT-2 is pos="learned", norm="layernorm", mlp="gelu"; Llama-style is
+pos="rope", norm="rmsnorm", mlp="swiglu". Attention and the loss each go through one function
+(causal_attention, lm_head_loss) so faster kernels can be switched in without touching the model.
+"""
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterator, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256  # longest context the model sees
+    vocab_size: int = 50257  # GPT-2's; prepare.py's meta.json says what the data needs
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = False  # biases in Linear and LayerNorm layers (GPT-2 had them)
+    pos: str = "learned"  # "learned" absolute position embeddings, or "rope" (rotary)
+    norm: str = "layernorm"  # "layernorm" or "rmsnorm"
+    mlp: str = "gelu"  # "gelu" (4x wide) or "swiglu" (gated, about 8/3x wide)
+    tie_embeddings: bool = True  # the output projection shares the token embedding matrix
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        choices = {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key}={getattr(self, key)!r}: choose one of {allowed}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("rotary positions need an even head size (n_embd / n_head)")
+
+    @property
+    def mlp_hidden(self) -> int:
+        if self.mlp == "gelu":
+            return 4 * self.n_embd
+        return 64 * math.ceil(8 * self.n_embd / 3 / 64)  # SwiGLU: ~the parameters of a 4x GELU MLP
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- the two hot functions: attention and the loss ------------------------------------------------------
+
+def causal_attention(q, k, v, dropout_p: float = 0.0):
+    """softmax(q k^T / sqrt(hs)) v with a causal mask. q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs), Tk >= Tq;
+    query i sits at position Tk - Tq + i (the cache holds the earlier positions)."""
+    Tq, Tk = q.size(2), k.size(2)
+    if Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    if Tq == 1:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def lm_head_loss(x, weight, targets, ignore_index: int = -100):
+    """Mean next-token cross-entropy of the logits x @ weight^T against targets. x: (B, T, C)."""
+    logits = F.linear(x, weight)
+    return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=ignore_index)
+
+
+# --- layers ---------------------------------------------------------------------------------------------
+
+class Norm(nn.Module):
+    """LayerNorm with an optional bias, or RMSNorm."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.kind = config.norm
+        self.weight = nn.Parameter(torch.ones(config.n_embd))
+        self.bias = nn.Parameter(torch.zeros(config.n_embd)) if config.bias and config.norm == "layernorm" else None
+
+    def forward(self, x):
+        if self.kind == "rmsnorm":
+            return F.rms_norm(x, self.weight.shape, self.weight, eps=1e-5)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, eps=1e-5)
+
+
+def rotary_tables(head_size: int, length: int, theta: float):
+    """cos and sin of position * frequency, (length, head_size / 2) each."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate pairs (x[i], x[i + hs/2]) of x (B, nh, T, hs) by the angles of their positions (T, hs/2):
+    the half-split layout that Hugging Face's Llama uses, so weights export without permutation."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, preallocated and written in place."""
+
+    def __init__(self, batch_size, n_head, max_len, head_size, device, dtype):
+        self.k = torch.empty(batch_size, n_head, max_len, head_size, device=device, dtype=dtype)
+        self.v = torch.empty_like(self.k)
+        self.length = 0
+
+    def append(self, k, v):
+        T = k.size(2)
+        self.k[:, :, self.length:self.length + T] = k
+        self.v[:, :, self.length:self.length + T] = v
+        self.length += T
+        return self.k[:, :, :self.length], self.v[:, :, :self.length]
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v together
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope=None, cache: Optional[KVCache] = None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        y = causal_attention(q, k, v, self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.gated = config.mlp == "swiglu"
+        hidden = config.mlp_hidden
+        self.c_fc = nn.Linear(config.n_embd, (2 if self.gated else 1) * hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = Norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = Norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, cache=None):
+        x = x + self.attn(self.ln_1(x), rope, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+# --- the model ------------------------------------------------------------------------------------------
+
+class GPT(nn.Module):
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=Norm(config),
+        ))
+        if config.pos == "learned":
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        else:
+            cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale the residual projections by depth
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters, counted once when shared; non_embedding leaves out the token and position tables
+        (with untied embeddings the output projection still counts)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> int:
+        """Training FLOPs per token (forward + backward): 6 per parameter plus attention's
+        12 * n_layer * n_embd * T (the PaLM paper's estimate)."""
+        T = seq_len or self.config.block_size
+        return 6 * self.num_params(non_embedding=False) + 12 * self.config.n_layer * self.config.n_embd * T
+
+    def hidden_states(self, idx, caches: Optional[List[KVCache]] = None, start: int = 0):
+        """Final-norm hidden states (B, T, C) of tokens idx (B, T) sitting at positions start, start+1, ..."""
+        B, T = idx.size()
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.pos == "learned":
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, rope, caches[i] if caches is not None else None)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None):
+        """Returns (logits, None) without targets, (None, loss) with them: the loss path never needs the
+        (B, T, vocab) logits, so a fused kernel need not build them. Targets of -100 are ignored."""
+        x = self.hidden_states(idx)
+        if targets is None:
+            return self.lm_head(x), None
+        return None, lm_head_loss(x, self.lm_head.weight, targets)
+
+    # --- generation -------------------------------------------------------------------------------------
+
+    def new_caches(self, batch_size: int) -> List[KVCache]:
+        c = self.config
+        p = self.lm_head.weight
+        return [KVCache(batch_size, c.n_head, c.block_size, c.n_embd // c.n_head, p.device, p.dtype)
+                for _ in range(c.n_layer)]
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+                        top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                        eot_token: Optional[int] = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
+        """Yield the next token of each sequence, (B,), max_new_tokens times or until every sequence has
+        produced eot_token (a finished sequence keeps yielding eot_token). Context longer than block_size
+        is cropped to its last block_size tokens, with or without the cache, so both give the same tokens."""
+        block_size = self.config.block_size
+        caches, cached = None, 0  # cached: how many tokens of idx the caches hold
+        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            context = idx[:, -block_size:]
+            if not use_cache:
+                x = self.hidden_states(context)
+            elif caches is None or idx.size(1) > block_size:  # (re)fill the caches from the whole context
+                caches = self.new_caches(idx.size(0))
+                x = self.hidden_states(context, caches)
+                cached = idx.size(1)
+            else:  # only the newest token is new
+                x = self.hidden_states(idx[:, cached:], caches, start=cached)
+                cached = idx.size(1)
+            logits = self.lm_head(x[:, -1, :]).float()
+            token = sample_next(logits, temperature, top_k, top_p, generator)
+            if eot_token is not None:
+                token = torch.where(finished, torch.full_like(token, eot_token), token)
+                finished |= token == eot_token
+            idx = torch.cat((idx, token[:, None]), dim=1)
+            yield token
+            if eot_token is not None and bool(finished.all()):
+                return
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, **kwargs):
+        """idx (B, T) followed by the generated tokens; see generate_stream for the options."""
+        tokens = list(self.generate_stream(idx, max_new_tokens, **kwargs))
+        return torch.cat([idx] + [t[:, None] for t in tokens], dim=1)
+
+
+def sample_next(logits, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                generator: Optional[torch.Generator] = None):
+    """One token per row of logits (B, V): greedy when temperature is 0; otherwise sampled from
+    softmax(logits / temperature) restricted to the top_k most likely tokens and to the smallest set whose
+    probability reaches top_p (nucleus sampling)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the tokens ranked above
+        drop = before >= top_p  # the most likely token is always kept (before == 0)
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

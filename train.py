@@ -1,0 +1,456 @@
+"""
+Pretrain a GPT with next-token cross-entropy: on CPU, one GPU, or several GPUs with torchrun (DDP).
+
+    python train.py config/quickstart.py                          # CPU, the bundled corpus, minutes
+    python train.py config/tinystories.py                         # one GPU
+    torchrun --standalone --nproc_per_node=4 train.py config/tinystories.py
+    python train.py config/quickstart.py --init_from=resume       # continue an interrupted run
+
+Settings are the globals below; config files and --key=value override them (configurator.py).
+out_dir receives: last/ and best/ checkpoints (model.safetensors, state.pt, config.json), log.jsonl,
+loss.png, and a copy of the tokenizer when it is not GPT-2's. Ctrl-C saves last/ before exiting.
+"""
+import importlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import warnings
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_model, save_model
+
+from configurator import ConfigError, configure, settings_of
+from data import TokenDataset
+from model import GPT, GPTConfig
+from tokenizer import atomic_write, special_tokens_path
+
+# --- settings -------------------------------------------------------------------------------------------
+# I/O
+out_dir = "out/quickstart"
+data_dir = "data/bundled"  # written by prepare.py
+init_from = "scratch"  # "scratch", "resume" (from out_dir/last) or "auto" (resume if there is a checkpoint)
+eval_interval = 200  # iterations between evaluations (and checkpoints)
+eval_iters = 20  # batches per evaluation, per split
+log_interval = 10  # iterations between log lines
+eval_only = False  # evaluate once and exit
+# data
+batch_size = 16  # sequences per micro-batch
+block_size = 256  # tokens per sequence
+gradient_accumulation_steps = 1  # micro-batches per optimizer step, summed over all processes
+# model (vocab_size comes from the data)
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0
+bias = False
+pos = "learned"  # "learned" or "rope"
+norm = "layernorm"  # "layernorm" or "rmsnorm"
+mlp = "gelu"  # "gelu" or "swiglu"
+tie_embeddings = True
+# AdamW
+learning_rate = 1e-3
+max_iters = 2000
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # clip the gradient norm to this; 0 disables
+# learning rate schedule: linear warmup, then cosine decay to min_lr at lr_decay_iters
+decay_lr = True
+warmup_iters = 100
+lr_decay_iters = 0  # 0: max_iters
+min_lr = 1e-4
+# system
+device = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:1", "mps"
+dtype = "auto"  # "auto" (bfloat16 on CUDA when supported, else float32), "float32", "bfloat16", "float16"
+compile = False  # torch.compile the model (falls back to eager, with a warning, where it cannot)
+num_threads = 0  # CPU threads for torch; 0: all cores (shared between processes under torchrun)
+seed = 1337
+peak_flops = 0.0  # the accelerator's peak FLOP/s for MFU; 0: look it up for known GPUs
+# --------------------------------------------------------------------------------------------------------
+
+
+class TrainError(RuntimeError):
+    pass
+
+
+def setup_distributed():
+    """(ddp, rank, local_rank, world_size): torchrun sets RANK, LOCAL_RANK and WORLD_SIZE."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False, 0, 0, 1
+    backend = "nccl" if torch.cuda.is_available() and device in ("auto",) or device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend=backend)
+    return True, dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+
+
+def pick_device(requested, ddp, local_rank):
+    if requested == "auto":
+        if torch.cuda.is_available():
+            requested = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            requested = "mps"
+        else:
+            requested = "cpu"
+    if requested == "cuda" and ddp:
+        requested = f"cuda:{local_rank}"
+    if requested.startswith("cuda"):
+        torch.cuda.set_device(requested)
+    return requested
+
+
+def pick_dtype(requested, device_type):
+    if requested == "auto":
+        if device_type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bfloat16"
+        return "float32"
+    if requested not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype={requested!r}: choose auto, float32, bfloat16 or float16")
+    return requested
+
+
+def batch_seed(split, iteration, micro_step):
+    """The seed of one micro-batch. Batches depend only on (seed, split, iteration, micro-batch index), so a
+    resumed run draws the same data, and N processes draw together what one process draws alone."""
+    return hash((seed, split, iteration, micro_step)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def get_lr(it):
+    decay_iters = lr_decay_iters or max_iters
+    if not decay_lr:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= decay_iters:
+        return min_lr
+    progress = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def make_optimizer(model, device_type):
+    """AdamW; weight decay on matrices (embeddings, linear weights), none on biases and norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    extra = {"fused": True} if device_type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), **extra)
+
+
+def known_peak_flops(device_type, dtype_name):
+    if peak_flops:
+        return peak_flops
+    if device_type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name()
+    table = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+    for key, flops in table.items():
+        if key in name:
+            return flops if dtype_name != "float32" else flops / 2
+    return 0.0
+
+
+def tokenizer_info(meta):
+    return {"name": meta["tokenizer"], "content_hash": meta["tokenizer_hash"], "n_vocab": meta["n_vocab"]}
+
+
+def copy_tokenizer(meta):
+    """A trained vocabulary travels with the run (out_dir/tokenizer.tiktoken), so sample.py needs no data."""
+    if not meta.get("tokenizer_file"):
+        return
+    source = os.path.join(data_dir, meta["tokenizer_file"])
+    for src, name in ((source, "tokenizer.tiktoken"), (special_tokens_path(source), "tokenizer.special.json")):
+        if os.path.isfile(src):
+            atomic_write(os.path.join(out_dir, name), open(src, "rb").read())
+
+
+def bits_per_byte(loss, split_meta):
+    """Loss in bits per byte of text: nats/token * tokens/byte / ln 2, comparable across vocabularies."""
+    return loss / math.log(2) * split_meta["tokens"] / split_meta["bytes"]
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------
+
+def checkpoint_dir(kind):
+    """out_dir/last or out_dir/best, or the copy left by a save that was interrupted mid-swap."""
+    path = os.path.join(out_dir, kind)
+    old = os.path.join(out_dir, f".{kind}.old")
+    if not os.path.isdir(path) and os.path.isdir(old):
+        return old
+    return path
+
+
+def save_checkpoint(kind, model, optimizer, info):
+    """Write out_dir/<kind>/ whole or not at all: into a temporary directory, then swapped in by renames."""
+    tmp = tempfile.mkdtemp(dir=out_dir, prefix=f".{kind}.tmp")
+    save_model(model, os.path.join(tmp, "model.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "iter_num": info["iter_num"],
+                "best_val_loss": info["best_val_loss"], "tokens_seen": info["tokens_seen"],
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0)},
+               os.path.join(tmp, "state.pt"))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(info["config"], f, indent=1)
+    final, old = os.path.join(out_dir, kind), os.path.join(out_dir, f".{kind}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_compatible(saved, current, path):
+    """Refuse a checkpoint whose model shape or tokenizer differs from this run's."""
+    diffs = [f"{k}: checkpoint {saved['model'].get(k)!r}, this run {v!r}"
+             for k, v in current["model"].items() if saved["model"].get(k) != v and k != "dropout"]
+    if diffs:
+        raise TrainError(f"the checkpoint in {path} is of another model:\n  " + "\n  ".join(diffs) +
+                         "\nuse the settings it was trained with, or a new out_dir")
+    if saved["tokenizer"]["content_hash"] != current["tokenizer"]["content_hash"]:
+        raise TrainError(f"the checkpoint in {path} was trained with tokenizer {saved['tokenizer']['name']!r}, "
+                         f"but {data_dir} is tokenized with {current['tokenizer']['name']!r}")
+
+
+def load_checkpoint(path, model, optimizer, run_config):
+    with open(os.path.join(path, "config.json")) as f:
+        saved = json.load(f)
+    check_compatible(saved, run_config, path)
+    load_model(model, os.path.join(path, "model.safetensors"))
+    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng_cpu"])
+    if torch.cuda.is_available() and state["rng_cuda"].numel():
+        torch.cuda.set_rng_state(state["rng_cuda"])
+    return state
+
+
+# --- logging --------------------------------------------------------------------------------------------
+
+def append_log(record):
+    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_log(after_iter):
+    """On resume, drop log lines of iterations the checkpoint had not reached."""
+    path = os.path.join(out_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if json.loads(line)["iter"] <= after_iter]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def plot_loss_curve():
+    """out_dir/loss.png: train and val loss against tokens seen, from log.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([r["tokens"] for r in steps], [r["loss"] for r in steps], alpha=0.4, label="train (per step)")
+    ax.plot([r["tokens"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
+    ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set_title(os.path.basename(os.path.normpath(out_dir)))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = os.path.join(out_dir, ".loss.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, os.path.join(out_dir, "loss.png"))
+
+
+# --- training -------------------------------------------------------------------------------------------
+
+def main():
+    ddp, rank, local_rank, world_size = setup_distributed()
+    master = rank == 0
+    dev = pick_device(device, ddp, local_rank)
+    device_type = "cuda" if dev.startswith("cuda") else dev
+    dtype_name = pick_dtype(dtype, device_type)
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    elif ddp and device_type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    torch.manual_seed(seed + rank)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if gradient_accumulation_steps % world_size:
+        raise ConfigError(f"gradient_accumulation_steps {gradient_accumulation_steps} must be a multiple of "
+                          f"the number of processes ({world_size})")
+    micro_steps = gradient_accumulation_steps // world_size
+    if init_from not in ("scratch", "resume", "auto"):
+        raise ConfigError(f"init_from={init_from!r}: choose scratch, resume or auto")
+
+    dataset = TokenDataset(data_dir)
+    meta = dataset.meta
+    model_config = GPTConfig(block_size=block_size, vocab_size=meta["n_vocab"], n_layer=n_layer, n_head=n_head,
+                             n_embd=n_embd, dropout=dropout, bias=bias, pos=pos, norm=norm, mlp=mlp,
+                             tie_embeddings=tie_embeddings)
+    run_config = {"model": model_config.to_dict(), "tokenizer": tokenizer_info(meta),
+                  "train": settings_of(globals())}
+    model = GPT(model_config).to(dev)
+    optimizer = make_optimizer(model, device_type)
+
+    iter_num, best_val_loss, tokens_seen = 0, float("inf"), 0
+    last = checkpoint_dir("last")
+    has_checkpoint = os.path.isfile(os.path.join(last, "state.pt"))
+    if init_from == "resume" and not has_checkpoint:
+        raise TrainError(f"no checkpoint to resume in {out_dir}: train with --init_from=scratch first")
+    if init_from == "scratch" and has_checkpoint and not eval_only:
+        raise TrainError(f"{out_dir} already holds a run: continue it with --init_from=resume, "
+                         "or pick another --out_dir (nothing was overwritten)")
+    if has_checkpoint and init_from in ("resume", "auto"):
+        state = load_checkpoint(last, model, optimizer, run_config)
+        iter_num, best_val_loss, tokens_seen = state["iter_num"], state["best_val_loss"], state["tokens_seen"]
+        if master:
+            print(f"resuming from {last} at iteration {iter_num}")
+            truncate_log(iter_num)
+    if master:
+        os.makedirs(out_dir, exist_ok=True)
+        copy_tokenizer(meta)
+        print(f"model: {model.num_params() / 1e6:.2f}M parameters without embeddings, "
+              f"{model.num_params(False) / 1e6:.2f}M in all; {dev}, {dtype_name}, {world_size} process(es)")
+
+    raw_model = model
+    if compile:
+        dynamo = importlib.import_module("torch._dynamo")
+        dynamo.config.suppress_errors = True  # where compiling fails, run eagerly with a warning
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    autocast = (torch.autocast(device_type=device_type, dtype=getattr(torch, dtype_name))
+                if dtype_name != "float32" else nullcontext())
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype_name == "float16")
+    tokens_per_step = batch_size * block_size * gradient_accumulation_steps
+    flops_per_step = raw_model.flops_per_token(block_size) * tokens_per_step
+    peak = known_peak_flops(device_type, dtype_name)
+
+    @torch.no_grad()
+    def estimate_loss():
+        """Mean loss over eval_iters fixed batches per split, shared out among the processes."""
+        model.eval()
+        result = {}
+        for split in ("train", "val"):
+            total = torch.zeros(2, device=dev)
+            for k in range(rank, eval_iters, world_size):
+                g = torch.Generator().manual_seed(batch_seed(f"eval-{split}", 0, k))
+                x, y = dataset.get_batch(split, batch_size, block_size, g, dev)
+                with autocast:
+                    _, loss = raw_model(x, y)
+                total += torch.stack([loss.float(), torch.ones((), device=dev)])
+            if ddp:
+                dist.all_reduce(total)
+            result[split] = (total[0] / total[1]).item()
+        model.train()
+        return result
+
+    def checkpoint_info():
+        return {"iter_num": iter_num, "best_val_loss": best_val_loss, "tokens_seen": tokens_seen,
+                "config": dict(run_config, iter_num=iter_num, best_val_loss=best_val_loss)}
+
+    def evaluate_and_save():
+        nonlocal best_val_loss
+        losses = estimate_loss()
+        if not master:
+            return
+        bpb = bits_per_byte(losses["val"], meta["splits"]["val"])
+        print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+              f"val {bpb:.4f} bits/byte")
+        append_log({"iter": iter_num, "tokens": tokens_seen, "train_loss": losses["train"],
+                    "val_loss": losses["val"], "val_bpb": bpb})
+        if eval_only:
+            return
+        if losses["val"] < best_val_loss:
+            best_val_loss = losses["val"]
+            save_checkpoint("best", raw_model, optimizer, checkpoint_info())
+        save_checkpoint("last", raw_model, optimizer, checkpoint_info())
+        plot_loss_curve()
+
+    stop_signal = []
+
+    def request_stop(signum, frame):
+        stop_signal.append(signum)
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C stops at once
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
+    if eval_only:
+        evaluate_and_save()
+        return
+    model.train()
+    t_last = time.time()
+    while iter_num < max_iters:
+        if iter_num % eval_interval == 0:
+            evaluate_and_save()
+        lr = get_lr(iter_num)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = torch.zeros((), device=dev)
+        for micro in range(micro_steps):
+            g = torch.Generator().manual_seed(batch_seed("train", iter_num, rank * micro_steps + micro))
+            x, y = dataset.get_batch("train", batch_size, block_size, g, dev)
+            if ddp:
+                model.require_backward_grad_sync = micro == micro_steps - 1
+            with autocast:
+                _, loss = model(x, y)
+            scaler.scale(loss / micro_steps).backward()
+            step_loss += loss.detach().float() / micro_steps
+        if grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if ddp:
+            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+        loss_value = step_loss.item()
+        if not math.isfinite(loss_value):
+            raise TrainError(f"the loss is {loss_value} at iteration {iter_num}: training diverged. Resume from "
+                             f"the last checkpoint with a lower learning_rate (now {learning_rate}) or grad_clip")
+        iter_num += 1
+        tokens_seen += tokens_per_step
+        if master and (iter_num % log_interval == 0 or iter_num == max_iters):
+            elapsed = time.time() - t_last
+            steps = log_interval if iter_num % log_interval == 0 else iter_num % log_interval
+            t_last = time.time()
+            ms = 1000 * elapsed / steps
+            tok_s = tokens_per_step / (elapsed / steps)
+            mfu = flops_per_step / (elapsed / steps) / peak if peak else None
+            print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {ms:.0f} ms/iter, {tok_s:,.0f} tok/s"
+                  + (f", MFU {100 * mfu:.1f}%" if mfu is not None else ""))
+            append_log({"iter": iter_num, "tokens": tokens_seen, "loss": loss_value, "lr": lr, "ms": ms,
+                        "tok_per_s": tok_s, "mfu": mfu})
+        stop = torch.tensor(float(bool(stop_signal)), device=dev)
+        if ddp:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        if stop.item():
+            if master:
+                save_checkpoint("last", raw_model, optimizer, checkpoint_info())
+                print(f"stopped at iteration {iter_num}; saved {out_dir}/last. Continue with --init_from=resume")
+            break
+    else:
+        evaluate_and_save()
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        globals().update(configure(settings_of(globals()), sys.argv[1:]))
+        main()
+    except (ConfigError, TrainError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
