@@ -10,6 +10,7 @@ Settings are the globals below; config files and --key=value override them (conf
 out_dir receives: last/ and best/ checkpoints (model.safetensors, state.pt, config.json), log.jsonl,
 loss.png, and a copy of the tokenizer when it is not GPT-2's. Ctrl-C saves last/ before exiting.
 """
+import hashlib
 import importlib
 import json
 import math
@@ -117,7 +118,8 @@ def pick_dtype(requested, device_type):
 def batch_seed(split, iteration, micro_step):
     """The seed of one micro-batch. Batches depend only on (seed, split, iteration, micro-batch index), so a
     resumed run draws the same data, and N processes draw together what one process draws alone."""
-    return hash((seed, split, iteration, micro_step)) & 0x7FFF_FFFF_FFFF_FFFF
+    key = f"{seed}/{split}/{iteration}/{micro_step}".encode()  # not hash(): str hashes vary per process
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def get_lr(it):
@@ -211,8 +213,10 @@ def check_compatible(saved, current, path):
         raise TrainError(f"the checkpoint in {path} is of another model:\n  " + "\n  ".join(diffs) +
                          "\nuse the settings it was trained with, or a new out_dir")
     if saved["tokenizer"]["content_hash"] != current["tokenizer"]["content_hash"]:
-        raise TrainError(f"the checkpoint in {path} was trained with tokenizer {saved['tokenizer']['name']!r}, "
-                         f"but {data_dir} is tokenized with {current['tokenizer']['name']!r}")
+        raise TrainError(f"the checkpoint in {path} was trained with another tokenizer: "
+                         f"{saved['tokenizer']['name']!r} (hash {saved['tokenizer']['content_hash'][:12]}), but "
+                         f"{data_dir} is tokenized with {current['tokenizer']['name']!r} "
+                         f"(hash {current['tokenizer']['content_hash'][:12]})")
 
 
 def load_checkpoint(path, model, optimizer, run_config):

@@ -1,0 +1,150 @@
+"""model.py and configurator.py: shapes, parameter count, causality, the KV cache, sampling filters,
+settings parsing. Small models on CPU; runs in seconds."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configurator import ConfigError, configure, settings_of  # noqa: E402
+from model import GPT, GPTConfig, sample_next  # noqa: E402
+
+GPT2_STYLE = dict()
+LLAMA_STYLE = dict(pos="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False, bias=False)
+WITH_BIAS = dict(bias=True, tie_embeddings=False)
+STYLES = [GPT2_STYLE, LLAMA_STYLE, WITH_BIAS]
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=101, block_size=16)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg)).eval()
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_shapes_and_loss(style):
+    model = tiny(**style)
+    idx = torch.randint(0, 101, (3, 16))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 16, 101) and loss is None
+    none, loss = model(idx, idx)
+    assert none is None and loss.shape == () and torch.isfinite(loss)
+    # the loss path equals cross-entropy of the logits path, ignore_index included
+    targets = idx.clone()
+    targets[:, :5] = -100
+    _, loss = model(idx, targets)
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 101), targets.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_param_count_by_hand():
+    model = tiny()  # n_layer 2, n_embd 32, vocab 101, block 16, no bias, tied, GELU 4x
+    C = 32
+    per_layer = C + 3 * C * C + C * C + C + 4 * C * C + 4 * C * C  # ln_1, c_attn, c_proj, ln_2, c_fc, c_proj
+    total = 101 * C + 16 * C + 2 * per_layer + C  # wte, wpe, blocks, ln_f; lm_head shares wte
+    assert model.num_params(non_embedding=False) == total
+    assert model.num_params() == total - 101 * C - 16 * C
+    untied = tiny(tie_embeddings=False)
+    assert untied.num_params(non_embedding=False) == total + 101 * C
+    assert model.flops_per_token(16) == 6 * total + 12 * 2 * C * 16
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="pos"):
+        GPTConfig(pos="alibi")
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=30, n_head=4)
+    model = tiny()
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_future_tokens_do_not_change_past_logits(style):
+    model = tiny(**style)
+    a = torch.randint(0, 101, (2, 16))
+    b = a.clone()
+    b[:, 9:] = torch.randint(0, 101, (2, 7))
+    la, _ = model(a)
+    lb, _ = model(b)
+    torch.testing.assert_close(la[:, :9], lb[:, :9])
+    assert not torch.allclose(la[:, 9:], lb[:, 9:])
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_kv_cache_equals_full_recompute(style):
+    model = tiny(**style)
+    idx = torch.randint(0, 101, (3, 5))
+    # 30 new tokens: past block_size 16, so the cropping path is covered too
+    greedy = model.generate(idx, 30, temperature=0)
+    assert torch.equal(greedy, model.generate(idx, 30, temperature=0, use_cache=False))
+    kw = dict(temperature=1.0, top_k=20, top_p=0.9)
+    a = model.generate(idx, 30, generator=torch.Generator().manual_seed(3), **kw)
+    b = model.generate(idx, 30, generator=torch.Generator().manual_seed(3), use_cache=False, **kw)
+    assert torch.equal(a, b) and a.shape == (3, 35)
+    c = model.generate(idx, 30, generator=torch.Generator().manual_seed(4), **kw)
+    assert not torch.equal(a, c)
+
+
+def test_generate_stops_at_eot():
+    model = tiny()
+    idx = torch.randint(0, 101, (1, 4))
+    first = int(model.generate(idx, 1, temperature=0)[0, -1])
+    out = model.generate(idx, 20, temperature=0, eot_token=first)
+    assert out.shape == (1, 5) and int(out[0, -1]) == first
+
+
+def test_greedy_and_filters():
+    logits = torch.log(torch.tensor([[0.1, 0.4, 0.3, 0.2]]))
+    assert sample_next(logits, temperature=0).tolist() == [1]
+    g = torch.Generator().manual_seed(0)
+    draws = lambda **kw: {int(sample_next(logits, generator=g, **kw)) for _ in range(300)}  # noqa: E731
+    assert draws() == {0, 1, 2, 3}
+    assert draws(top_k=1) == {1}
+    assert draws(top_k=2) == {1, 2}
+    # top_p keeps the most likely tokens until their probability reaches top_p: 0.4, then 0.4 + 0.3
+    assert draws(top_p=0.5) == {1, 2}
+    assert draws(top_p=0.4) == {1}
+    assert draws(top_p=0.75) == {1, 2, 3}
+    assert draws(top_p=0.01) == {1}
+
+
+# --- configurator ---------------------------------------------------------------------------------------
+
+DEFAULTS = dict(batch_size=12, learning_rate=6e-4, out_dir="out", compile=False, device="auto", betas=(0.9, 0.95),
+                max_iters=100)
+
+
+def test_configure_overrides_and_types(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("import math\nbatch_size = 32\nlearning_rate = 1e-3\n_helper = 5\n")
+    s = configure(DEFAULTS, [str(cfg), "--batch_size=64", "--out_dir=runs/a", "--compile", "--learning_rate=1",
+                             "--device=cuda:1", "--betas=(0.8, 0.9)"])
+    assert s["batch_size"] == 64 and s["out_dir"] == "runs/a" and s["compile"] is True
+    assert s["learning_rate"] == 1.0 and isinstance(s["learning_rate"], float)
+    assert s["device"] == "cuda:1" and s["betas"] == (0.8, 0.9) and s["max_iters"] == 100
+    assert configure(DEFAULTS, ["--out_dir=2024"])["out_dir"] == "2024"
+    assert configure(DEFAULTS, ["--compile=false"])["compile"] is False
+
+
+def test_configure_errors(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean batch_size"):
+        configure(DEFAULTS, ["--batchsize=3"])
+    with pytest.raises(ConfigError, match="must be int"):
+        configure(DEFAULTS, ["--batch_size=3.5"])
+    with pytest.raises(ConfigError, match="not found"):
+        configure(DEFAULTS, [str(tmp_path / "missing.py")])
+    bad = tmp_path / "bad.py"
+    bad.write_text("learning_rat = 0.1\n")
+    with pytest.raises(ConfigError, match="did you mean learning_rate"):
+        configure(DEFAULTS, [str(bad)])
+    with pytest.raises(ConfigError, match="expected --max_iters=value"):
+        configure(DEFAULTS, ["--max_iters"])
+
+
+def test_settings_of_keeps_plain_values_only():
+    ns = {"a": 1, "_b": 2, "torch": torch, "f": len, "s": "x"}
+    assert settings_of(ns) == {"a": 1, "s": "x"}

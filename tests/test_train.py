@@ -1,0 +1,160 @@
+"""train.py and sample.py end to end on CPU: the loss falls, a killed run resumes to the very same weights,
+two gloo processes train like one, bad checkpoints and diverging runs stop with clear errors."""
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
+        "--eval_iters=2", "--log_interval=1", "--warmup_iters=5", "--num_threads=1"]
+
+
+def run(script, *args, check=True, timeout=240):
+    proc = subprocess.run([PY, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def stories(first, count):
+    with gzip.open(os.path.join(ROOT, "data", "tinystories_sample", "train.txt.gz"), "rt", encoding="utf-8") as f:
+        return f.read().split("<|endoftext|>\n")[first:first + count]
+
+
+@pytest.fixture(scope="module")
+def data_dirs(tmp_path_factory):
+    """Two prepared corpora with trained 512-token vocabularies learnt from different stories."""
+    base = tmp_path_factory.mktemp("data")
+    dirs = []
+    for name, first in (("a", 0), ("b", 300)):
+        src = base / f"{name}.txt"
+        src.write_text("<|endoftext|>\n".join(stories(first, 300)), encoding="utf-8")
+        run("prepare.py", f"--input={src}", "--vocab_size=512", f"--out_dir={base}", f"--name={name}")
+        dirs.append(str(base / name))
+    return dirs
+
+
+def log_records(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def weights(out_dir, kind="last"):
+    return load_file(os.path.join(out_dir, kind, "model.safetensors"))
+
+
+def test_loss_falls_and_outputs_are_written(data_dirs, tmp_path):
+    out = str(tmp_path / "run")
+    proc = run("train.py", *TINY, f"--data_dir={data_dirs[0]}", f"--out_dir={out}", "--max_iters=60",
+               "--eval_interval=30", "--learning_rate=3e-3")
+    evals = [r for r in log_records(out) if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 30, 60]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.8, evals
+    assert 0 < evals[-1]["val_bpb"] < evals[0]["val_bpb"]
+    steps = [r for r in log_records(out) if "loss" in r]
+    assert len(steps) == 60 and all(r["tok_per_s"] > 0 for r in steps)
+    for name in ("loss.png", "tokenizer.tiktoken", "best/model.safetensors", "last/state.pt", "last/config.json"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    assert "tok/s" in proc.stdout
+    # the state file loads without pickle
+    state = torch.load(os.path.join(out, "last", "state.pt"), weights_only=True)
+    assert state["iter_num"] == 60
+
+    # sample.py: text, the probability table, and clear errors
+    text = run("sample.py", f"--out_dir={out}", "--start=Once upon a time", "--num_samples=2",
+               "--max_new_tokens=20", "--device=cpu")
+    assert text.stdout.count("Once upon a time") == 2 and "tok/s" in text.stderr
+    greedy = [run("sample.py", f"--out_dir={out}", "--start=One day", "--num_samples=1", "--temperature=0",
+                  "--max_new_tokens=15", f"--use_cache={c}").stdout for c in (True, False)]
+    assert greedy[0] == greedy[1]
+    table = run("sample.py", f"--out_dir={out}", "--start=Once upon a", "--show_probs", "--show_top=5").stdout
+    rows = [line for line in table.splitlines()[2:] if line.strip()]
+    probs = [float(line.split()[-2]) for line in rows]
+    assert len(rows) == 5 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
+    missing = run("sample.py", f"--out_dir={tmp_path / 'nothing'}", check=False)
+    assert missing.returncode != 0 and "no checkpoint" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_interrupted_run_resumes_to_identical_weights(data_dirs, tmp_path):
+    common = [*TINY, f"--data_dir={data_dirs[0]}", "--max_iters=24", "--lr_decay_iters=24", "--eval_interval=8",
+              "--dropout=0.1"]  # dropout: the RNG state must be restored too
+    straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
+    run("train.py", *common, f"--out_dir={straight}")
+    # stop the second run part-way with SIGINT, as Ctrl-C would; it saves last/ and exits
+    proc = subprocess.Popen([PY, "train.py", *common, f"--out_dir={broken}", "--max_iters=100000"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        path = os.path.join(broken, "log.jsonl")
+        if os.path.exists(path) and sum(1 for line in open(path) if '"loss"' in line) >= 5:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert "stopped at iteration" in stdout, stdout + stderr
+    stopped_at = torch.load(os.path.join(broken, "last", "state.pt"), weights_only=True)["iter_num"]
+    assert 5 <= stopped_at < 24
+    run("train.py", *common, f"--out_dir={broken}", "--init_from=resume")
+    a, b = weights(straight), weights(broken)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert log_records(broken)[-1]["val_loss"] == log_records(straight)[-1]["val_loss"]
+
+
+def test_two_gloo_processes_train_like_one(data_dirs, tmp_path):
+    common = [*TINY, f"--data_dir={data_dirs[0]}", "--max_iters=6", "--eval_interval=100",
+              "--gradient_accumulation_steps=2"]
+    single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
+    run("train.py", *common, f"--out_dir={single}")
+    torchrun = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run([*torchrun, "train.py", *common, f"--out_dir={ddp}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 process(es)" in proc.stdout
+    one = [r["loss"] for r in log_records(single) if "loss" in r]
+    two = [r["loss"] for r in log_records(ddp) if "loss" in r]
+    assert len(one) == len(two) == 6
+    for x, y in zip(one, two):
+        assert abs(x - y) < 1e-4, (one, two)
+    a, b = weights(single), weights(ddp)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_of_another_model_or_tokenizer_is_refused(data_dirs, tmp_path):
+    out = str(tmp_path / "run")
+    run("train.py", *TINY, f"--data_dir={data_dirs[0]}", f"--out_dir={out}", "--max_iters=2")
+    again = run("train.py", *TINY, f"--data_dir={data_dirs[0]}", f"--out_dir={out}", "--max_iters=4", check=False)
+    assert again.returncode != 0 and "already holds a run" in again.stderr
+    shape = run("train.py", *TINY, f"--data_dir={data_dirs[0]}", f"--out_dir={out}", "--n_layer=3",
+                "--init_from=resume", check=False)
+    assert shape.returncode != 0 and "n_layer: checkpoint 2, this run 3" in shape.stderr
+    other_vocab = run("train.py", *TINY, f"--data_dir={data_dirs[1]}", f"--out_dir={out}", "--init_from=resume",
+                      "--max_iters=4", check=False)
+    assert other_vocab.returncode != 0 and "tokenizer" in other_vocab.stderr, other_vocab.stderr
+    assert "Traceback" not in shape.stderr + other_vocab.stderr
+    # nothing was overwritten by the refused runs
+    assert torch.load(os.path.join(out, "last", "state.pt"), weights_only=True)["iter_num"] == 2
+
+
+def test_diverging_loss_stops_with_the_iteration(data_dirs, tmp_path):
+    proc = run("train.py", *TINY, f"--data_dir={data_dirs[0]}", f"--out_dir={tmp_path / 'nan'}", "--max_iters=50",
+               "--learning_rate=1e30", "--warmup_iters=0", "--grad_clip=0.0", "--eval_interval=1000", check=False)
+    assert proc.returncode != 0
+    assert "at iteration" in proc.stderr and ("nan" in proc.stderr or "inf" in proc.stderr), proc.stderr
+
+
+def test_unknown_setting_is_a_clear_error(data_dirs, tmp_path):
+    proc = run("train.py", "--learning_rat=0.1", check=False)
+    assert proc.returncode != 0 and "did you mean learning_rate" in proc.stderr and "Traceback" not in proc.stderr
