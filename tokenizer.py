@@ -150,6 +150,8 @@ class Tokenizer:
         we, lo, wes, west, " lo", wer: (w, e), (l, o) and (o, w) all occur 3 times and b'w' is the
         greatest left string -- worked through by hand in tests/test_tokenizer.py.
         """
+        if isinstance(texts_or_paths, (str, os.PathLike)):  # one text, or one file
+            texts_or_paths = [texts_or_paths]
         special_tokens = list(dict.fromkeys(special_tokens))
         num_merges = vocab_size - 256 - len(special_tokens)
         if num_merges < 0:
@@ -183,7 +185,12 @@ class Tokenizer:
                              f"(it has {sorted(self.special_tokens)})")
         if disallowed_special == "all":
             disallowed_special = set(self.special_tokens) - allowed_special
-        texts = [text_or_texts] if isinstance(text_or_texts, str) else text_or_texts
+        if isinstance(text_or_texts, str):
+            texts = [text_or_texts]
+        elif isinstance(text_or_texts, (list, tuple)):
+            texts = text_or_texts
+        else:
+            raise TypeError(f"expected str, got {type(text_or_texts).__name__}")
         for text in texts:
             _check_text(text)
             for special in disallowed_special:
@@ -224,9 +231,13 @@ class Tokenizer:
                                           self.eot_token if append_eot else -1)
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.n_vocab]
+        if bad:
+            raise ValueError(f"cannot decode: token id {bad[0]} is not in the vocabulary (n_vocab {self.n_vocab})")
         try:
-            return self._core.decode_bytes([int(i) for i in ids])
-        except (IndexError, TypeError, OverflowError) as e:
+            return self._core.decode_bytes(ids)
+        except IndexError as e:  # an unused id inside the range
             raise ValueError(f"cannot decode: {e}") from None
 
     def decode(self, ids: Sequence[int], errors: str = "replace") -> str:

@@ -107,7 +107,7 @@ PYBIND11_MODULE(_nanoslm, m) {
         pretokenize(s, [&](std::string_view p) { pieces.append(py::str(p.data(), p.size())); });
         return pieces;
     }, py::arg("text"), "Split text into pieces with the GPT-2 pattern.");
-    m.def("char_class", &char_class, py::arg("codepoint"),
+    m.def("char_class", [](uint32_t codepoint) { return int(char_class(codepoint)); }, py::arg("codepoint"),
           "0 other, 1 letter (\\p{L}), 2 number (\\p{N}), 3 whitespace (\\s).");
     m.def("valid_utf8_prefix", [](py::bytes b) { return valid_utf8_prefix(std::string_view(b)); }, py::arg("data"));
 

@@ -1,0 +1,217 @@
+"""
+Training-step throughput and peak memory of our model against a nanoGPT-style reference written here,
+same dimensions, batch, device and dtype; a full step is forward, backward and AdamW.
+
+    python bench/bench_train.py                   # both shapes, CPU, fp32, all cores
+    python bench/bench_train.py --shape=a --steps=10
+    python bench/bench_train.py --device=cuda --dtype=bfloat16
+
+Shapes: (a) 4 layers, 4 heads, 128 wide, GPT-2 vocabulary (50,257), T=256, B=8;
+        (b) 6 layers, 6 heads, 288 wide, 8,192 vocabulary, T=256, B=8.
+Each model runs in its own process, so peak memory (max RSS on CPU, max allocated on CUDA) is its own.
+Before timing, both models are given the same weights and must give the same loss on the same batch.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from model import GPT, GPTConfig  # noqa: E402
+
+SHAPES = {
+    "a": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=50257, block_size=256, batch_size=8),
+    "b": dict(n_layer=6, n_head=6, n_embd=288, vocab_size=8192, block_size=256, batch_size=8),
+}
+
+
+# --- the reference: nanoGPT's model, written the way nanoGPT writes it -----------------------------------
+
+class RefLayerNorm(nn.Module):
+    def __init__(self, ndim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, None, 1e-5)
+
+
+class RefAttention(nn.Module):
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=False)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=False)
+        self.n_head, self.n_embd = n_head, n_embd
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class RefMLP(nn.Module):
+    def __init__(self, n_embd):
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=False)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class RefBlock(nn.Module):
+    def __init__(self, n_embd, n_head):
+        super().__init__()
+        self.ln_1, self.attn = RefLayerNorm(n_embd), RefAttention(n_embd, n_head)
+        self.ln_2, self.mlp = RefLayerNorm(n_embd), RefMLP(n_embd)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class RefGPT(nn.Module):
+    def __init__(self, n_layer, n_head, n_embd, vocab_size, block_size):
+        super().__init__()
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab_size, n_embd), wpe=nn.Embedding(block_size, n_embd),
+            h=nn.ModuleList([RefBlock(n_embd, n_head) for _ in range(n_layer)]), ln_f=RefLayerNorm(n_embd)))
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight
+
+    def forward(self, idx, targets):
+        pos = torch.arange(idx.size(1), device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for block in self.transformer.h:
+            x = block(x)
+        logits = self.lm_head(self.transformer.ln_f(x))
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+
+# --- one measurement per process ------------------------------------------------------------------------
+
+def build(which, shape):
+    dims = {k: v for k, v in shape.items() if k != "batch_size"}
+    if which == "ours":
+        return GPT(GPTConfig(**dims))
+    return RefGPT(**dims)
+
+
+def make_optimizer(model, device):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=1e-4, betas=(0.9, 0.95), fused=device.startswith("cuda") or None)
+
+
+def peak_memory_mb(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def worker(which, shape_name, device, dtype, steps):
+    shape = SHAPES[shape_name]
+    torch.manual_seed(0)
+    model = build(which, shape).to(device)
+    optimizer = make_optimizer(model, device)
+    B, T = shape["batch_size"], shape["block_size"]
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, shape["vocab_size"], (B, T + 1), generator=g).to(device) for _ in range(4)]
+    autocast = torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype), enabled=dtype != "float32")
+
+    def step(i):
+        x, y = batches[i % 4][:, :-1], batches[i % 4][:, 1:]
+        with autocast:
+            _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(3):  # warm-up
+        step(i)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(steps):
+        loss = step(i)
+    loss.item()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return {"tok_per_s": steps * B * T / elapsed, "ms_per_step": 1000 * elapsed / steps,
+            "peak_mb": peak_memory_mb(device)}
+
+
+def check_same_loss(shape_name, device):
+    """Same weights, same batch: the two models must agree (fp32), or the comparison means nothing."""
+    shape = SHAPES[shape_name]
+    torch.manual_seed(0)
+    ours, ref = build("ours", shape).to(device), build("ref", shape).to(device)
+    missing = ref.load_state_dict(ours.state_dict(), strict=False)
+    assert not missing.missing_keys or missing.missing_keys == ["lm_head.weight"], missing
+    x = torch.randint(0, shape["vocab_size"], (shape["batch_size"], shape["block_size"] + 1), device=device)
+    _, loss_ours = ours(x[:, :-1], x[:, 1:])
+    _, loss_ref = ref(x[:, :-1], x[:, 1:])
+    assert math.isclose(loss_ours.item(), loss_ref.item(), rel_tol=1e-5), (loss_ours.item(), loss_ref.item())
+    return loss_ours.item()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--shape", choices=["a", "b", "all"], default="all")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--worker", choices=["ours", "ref"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.shape, args.device, args.dtype, args.steps)))
+        return
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    print(f"machine: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{args.device}, {args.dtype}, {args.steps} timed steps after 3 warm-up")
+    for shape_name in (["a", "b"] if args.shape == "all" else [args.shape]):
+        shape = SHAPES[shape_name]
+        loss = check_same_loss(shape_name, args.device)
+        results = {}
+        for which in ("ref", "ours"):
+            out = subprocess.run([sys.executable, __file__, f"--worker={which}", f"--shape={shape_name}",
+                                  f"--device={args.device}", f"--dtype={args.dtype}", f"--steps={args.steps}"],
+                                 capture_output=True, text=True, check=True)
+            results[which] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"\nshape ({shape_name}) {shape}: same loss from same weights ({loss:.5f})")
+        for which, name in (("ref", "nanoGPT-style reference"), ("ours", "nanoslm model.py")):
+            r = results[which]
+            print(f"  {name:<26} {r['tok_per_s']:9,.0f} tok/s  {r['ms_per_step']:8.1f} ms/step  "
+                  f"peak {r['peak_mb']:7.0f} MB")
+        print(f"  ratio: {results['ours']['tok_per_s'] / results['ref']['tok_per_s']:.2f}x tokens/s, "
+              f"{results['ours']['peak_mb'] / results['ref']['peak_mb']:.2f}x peak memory")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+# One GPU, the full TinyStories (python prepare.py), GPT-2 vocabulary: a 30M-parameter GPT
+# (10.6M without embeddings), bf16, torch.compile.
+#   python prepare.py && python train.py config/tinystories.py
+#   torchrun --standalone --nproc_per_node=4 train.py config/tinystories.py   # same global batch
+out_dir = "out/tinystories"
+data_dir = "data/tinystories"
+init_from = "auto"
+
+batch_size = 64
+block_size = 512
+gradient_accumulation_steps = 4  # 64 * 512 * 4 = 131,072 tokens per step
+n_layer = 6
+n_head = 6
+n_embd = 384
+dropout = 0.0
+
+learning_rate = 1e-3
+min_lr = 1e-4
+max_iters = 10000
+warmup_iters = 300
+weight_decay = 0.1
+
+eval_interval = 500
+eval_iters = 50
+log_interval = 20
+compile = True
