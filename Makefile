@@ -12,7 +12,9 @@ TORCH_CPU ?= torch==2.13.0
 .PHONY: quickstart test build
 
 quickstart: $(BUILT)
-	$(PY) prepare.py --dataset=bundled
+	$(PY) prepare.py --dataset=bundled --vocab_size=4096
+	$(PY) train.py config/quickstart.py
+	$(PY) sample.py --start="Once upon a time" --num_samples=2 --max_new_tokens=200
 
 test: $(BUILT)
 	$(PY) -m pytest -q tests

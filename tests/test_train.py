@@ -74,6 +74,11 @@ def test_loss_falls_and_outputs_are_written(data_dirs, tmp_path):
     text = run("sample.py", f"--out_dir={out}", "--start=Once upon a time", "--num_samples=2",
                "--max_new_tokens=20", "--device=cpu")
     assert text.stdout.count("Once upon a time") == 2 and "tok/s" in text.stderr
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Tom had a red ball", encoding="utf-8")
+    from_file = run("sample.py", f"--out_dir={out}", f"--start=FILE:{prompt}", "--num_samples=1",
+                    "--max_new_tokens=5")
+    assert from_file.stdout.startswith("Tom had a red ball")
     greedy = [run("sample.py", f"--out_dir={out}", "--start=One day", "--num_samples=1", "--temperature=0",
                   "--max_new_tokens=15", f"--use_cache={c}").stdout for c in (True, False)]
     assert greedy[0] == greedy[1]
