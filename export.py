@@ -1,0 +1,213 @@
+"""
+Export a trained model and its tokenizer to Hugging Face transformers.
+
+    python export.py --out_dir=out/quickstart --to=hf --dest=hf_model/
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained("hf_model")   # offline, safetensors
+    tokenizer = AutoTokenizer.from_pretrained("hf_model")
+
+A GPT-2-style model (pos=learned, norm=layernorm, mlp=gelu) becomes a GPT2LMHeadModel; a Llama-style one
+(pos=rope, norm=rmsnorm, mlp=swiglu) a LlamaForCausalLM. Other combinations have no transformers class and
+are refused, naming the option. transformers is needed here (and in the tests), not to train or sample.
+"""
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+from configurator import ConfigError, configure, settings_of
+from sample import SampleError, load_for_inference
+from tokenizer import EOT, Tokenizer
+
+# --- settings -------------------------------------------------------------------------------------------
+out_dir = "out/quickstart"  # the train.py run to export
+checkpoint = "best"  # "best" or "last"
+to = "hf"  # the only format so far: Hugging Face transformers
+dest = "hf_model"  # the directory to write (replaced whole if it exists)
+# --------------------------------------------------------------------------------------------------------
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def architecture(config) -> str:
+    """'gpt2' or 'llama' for the model's options, or an error naming what has no equivalent."""
+    gpt2 = dict(pos="learned", norm="layernorm", mlp="gelu")
+    llama = dict(pos="rope", norm="rmsnorm", mlp="swiglu")
+    options = {k: getattr(config, k) for k in gpt2}
+    if options == gpt2:
+        return "gpt2"
+    if options == llama:
+        return "llama"
+    mixed = ", ".join(f"{k}={v}" for k, v in options.items())
+    raise ExportError(f"no transformers model has {mixed}: GPT2LMHeadModel needs pos=learned, norm=layernorm, "
+                      f"mlp=gelu; LlamaForCausalLM needs pos=rope, norm=rmsnorm, mlp=swiglu")
+
+
+def gpt2_model(model):
+    """GPT2LMHeadModel with our weights. GPT-2's Conv1D layers store weights as (in, out): transposed.
+    GPT-2 always has biases; a model trained without them gets zeros, which changes nothing."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    c = model.config
+    hf_config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
+                           n_head=c.n_head, n_inner=c.mlp_hidden, activation_function="gelu_new",
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
+                           tie_word_embeddings=c.tie_embeddings, bos_token_id=None, eos_token_id=None)
+    hf = GPT2LMHeadModel(hf_config)
+    theirs = {}
+    for name, tensor in model.state_dict().items():  # the names are GPT-2's already
+        if name.startswith("lm_head.") and c.tie_embeddings:
+            continue
+        if name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
+            tensor = tensor.t()
+        theirs[name] = tensor.contiguous()
+    target = hf.state_dict()
+    for name in target:
+        if name not in theirs and name.endswith(".bias") and not name.endswith("attn.bias"):
+            theirs[name] = torch.zeros_like(target[name])
+    return load_exactly(hf, theirs)
+
+
+def llama_model(model):
+    """LlamaForCausalLM with our weights: c_attn splits into q/k/v, c_fc into gate/up (in that order). Our
+    rotary embedding rotates (x[i], x[i + hs/2]) pairs, the layout transformers' Llama uses."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    c = model.config
+    hf_config = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.mlp_hidden,
+                            num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_head,
+                            max_position_embeddings=c.block_size, rms_norm_eps=1e-5, rope_theta=c.rope_theta,
+                            tie_word_embeddings=c.tie_embeddings, attention_bias=c.bias, mlp_bias=c.bias,
+                            hidden_act="silu", bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    hf = LlamaForCausalLM(hf_config)
+    ours = model.state_dict()
+    theirs = {"model.embed_tokens.weight": ours["transformer.wte.weight"],
+              "model.norm.weight": ours["transformer.ln_f.weight"]}
+    if not c.tie_embeddings:
+        theirs["lm_head.weight"] = ours["lm_head.weight"]
+    for i in range(c.n_layer):
+        p, q = f"transformer.h.{i}.", f"model.layers.{i}."
+        theirs[q + "input_layernorm.weight"] = ours[p + "ln_1.weight"]
+        theirs[q + "post_attention_layernorm.weight"] = ours[p + "ln_2.weight"]
+        for kind in (["weight", "bias"] if c.bias else ["weight"]):
+            qkv = ours[p + f"attn.c_attn.{kind}"].chunk(3, dim=0)
+            for part, proj in zip(qkv, ("q_proj", "k_proj", "v_proj")):
+                theirs[q + f"self_attn.{proj}.{kind}"] = part
+            theirs[q + f"self_attn.o_proj.{kind}"] = ours[p + f"attn.c_proj.{kind}"]
+            gate, up = ours[p + f"mlp.c_fc.{kind}"].chunk(2, dim=0)
+            theirs[q + f"mlp.gate_proj.{kind}"] = gate
+            theirs[q + f"mlp.up_proj.{kind}"] = up
+            theirs[q + f"mlp.down_proj.{kind}"] = ours[p + f"mlp.c_proj.{kind}"]
+    return load_exactly(hf, {k: v.contiguous() for k, v in theirs.items()})
+
+
+def load_exactly(hf, state):
+    """Load state into hf; every weight of hf must come from our model (buffers excepted)."""
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.endswith(("attn.bias", "attn.masked_bias", "rotary_emb.inv_freq"))
+               and not (m == "lm_head.weight" and hf.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ExportError(f"weight mapping is incomplete: missing {missing}, unexpected {unexpected}")
+    if hf.config.tie_word_embeddings:
+        hf.tie_weights()
+    return hf.eval()
+
+
+def merges_of(tok: Tokenizer):
+    """The merge that makes each token: BPE-encode its bytes with the ranks below its own down to two parts."""
+    ranks = tok.mergeable_ranks
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            pair_ranks = [ranks.get(parts[i] + parts[i + 1], rank) for i in range(len(parts) - 1)]
+            i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
+            if pair_ranks[i] >= rank:
+                raise ExportError(f"token {token!r} (rank {rank}) cannot be built from lower-ranked tokens")
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def byte_level_alphabet():
+    """GPT-2's reversible byte -> printable character table, which transformers' ByteLevel BPE uses."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def hf_tokenizer(tok: Tokenizer):
+    """A Hugging Face `tokenizers` byte-level BPE giving the same ids as tok (the GPT-2 pattern, our ranks,
+    our special tokens)."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    alphabet = byte_level_alphabet()
+    to_str = lambda bs: "".join(alphabet[b] for b in bs)  # noqa: E731
+    vocab = {to_str(token): rank for token, rank in tok.mergeable_ranks.items()}
+    merges = [(to_str(a), to_str(b)) for a, b in merges_of(tok)]
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.decoder = decoders.ByteLevel()
+    for text, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1]):
+        hf.add_special_tokens([AddedToken(text, special=True, normalized=False)])
+        if hf.token_to_id(text) != i:
+            raise ExportError(f"special token {text!r} got id {hf.token_to_id(text)} instead of {i}")
+    return hf
+
+
+def export_hf(model, tok: Tokenizer, dest_dir: str, chat_template=None):
+    """Write dest_dir whole or not at all: into a temporary sibling directory, then swapped in."""
+    from transformers import PreTrainedTokenizerFast
+    hf_model = gpt2_model(model) if architecture(model.config) == "gpt2" else llama_model(model)
+    special = dict(eos_token=EOT, bos_token=EOT, unk_token=None) if EOT in tok.special_tokens else {}
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=hf_tokenizer(tok), clean_up_tokenization_spaces=False,
+                                     **special)
+    if chat_template:
+        hf_tok.chat_template = chat_template
+    if tok.eot_token is not None:
+        hf_model.generation_config.eos_token_id = tok.eot_token
+        hf_model.generation_config.pad_token_id = tok.eot_token
+    tmp, old = dest_dir.rstrip("/") + ".tmp", dest_dir.rstrip("/") + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf_model.save_pretrained(tmp, safe_serialization=True)
+    hf_tok.save_pretrained(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(dest_dir):
+        os.rename(dest_dir, old)
+    os.rename(tmp, dest_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return hf_model, hf_tok
+
+
+def main():
+    if to != "hf":
+        raise ExportError(f"to={to!r}: the only export format is 'hf' (Hugging Face transformers)")
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ExportError("export needs transformers: pip install transformers") from None
+    model, tok, config = load_for_inference(out_dir, checkpoint)
+    chat_template = config.get("chat_template")
+    export_hf(model, tok, dest, chat_template)
+    print(f"wrote {dest}/ ({architecture(model.config)}: {model.num_params(False) / 1e6:.2f}M parameters, "
+          f"{tok.n_vocab:,}-token tokenizer). Load it with transformers.AutoModelForCausalLM.from_pretrained"
+          f"({dest!r}) and AutoTokenizer.from_pretrained({dest!r}).")
+
+
+if __name__ == "__main__":
+    try:
+        globals().update(configure(settings_of(globals()), sys.argv[1:]))
+        main()
+    except (ConfigError, ExportError, SampleError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
