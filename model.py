@@ -12,7 +12,9 @@ tied input/output embeddings. GPT-2 is pos="learned", norm="layernorm", mlp="gel
 pos="rope", norm="rmsnorm", mlp="swiglu". Attention and the loss each go through one function
 (causal_attention, lm_head_loss) so faster kernels can be switched in without touching the model.
 """
+import importlib.util
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import Iterator, List, Optional
 
@@ -35,9 +37,11 @@ class GPTConfig:
     mlp: str = "gelu"  # "gelu" (4x wide) or "swiglu" (gated, about 8/3x wide)
     tie_embeddings: bool = True  # the output projection shares the token embedding matrix
     rope_theta: float = 10000.0
+    kernels: str = "auto"  # attention and loss: "triton" (kernels/, CUDA), "torch", "auto" (triton on CUDA)
 
     def __post_init__(self):
-        choices = {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu")}
+        choices = {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"),
+                   "kernels": ("auto", "triton", "torch")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r}: choose one of {allowed}")
@@ -53,27 +57,115 @@ class GPTConfig:
         return 64 * math.ceil(8 * self.n_embd / 3 / 64)  # SwiGLU: ~the parameters of a 4x GELU MLP
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """What the model is, for checkpoints: kernels (how it runs) is left out, so a checkpoint trained
+        with Triton kernels on a GPU samples on a CPU."""
+        return {k: v for k, v in asdict(self).items() if k != "kernels"}
 
 
 # --- the two hot functions: attention and the loss ------------------------------------------------------
 
-def causal_attention(q, k, v, dropout_p: float = 0.0):
+HAS_TRITON = importlib.util.find_spec("triton") is not None  # imported only when used (kernels/)
+
+
+def use_triton_kernels(kernels: str, device) -> bool:
+    """Whether attention and the loss run as our Triton kernels (kernels/) on device, for
+    GPTConfig.kernels: "auto" on CUDA when triton is installed, "triton" always (or an error), "torch" never."""
+    if kernels == "torch" or (kernels == "auto" and not (device.type == "cuda" and HAS_TRITON)):
+        return False
+    if not HAS_TRITON:
+        raise ValueError("kernels='triton' needs triton: pip install triton (or use kernels='torch')")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"kernels='triton' needs a CUDA device, not {device.type}: use kernels='auto' or "
+                         "'torch' (or set TRITON_INTERPRET=1 to run the kernels, slowly, in Triton's interpreter)")
+    return True
+
+
+def causal_attention(q, k, v, dropout_p: float = 0.0, kernels: str = "torch"):
     """softmax(q k^T / sqrt(hs)) v with a causal mask. q: (B, nh, Tq, hs); k, v: (B, nh, Tk, hs), Tk >= Tq;
-    query i sits at position Tk - Tq + i (the cache holds the earlier positions)."""
+    query i sits at position Tk - Tq + i (the cache holds the earlier positions). Training and prefill
+    (Tq == Tk) may run as our Triton kernel (see use_triton_kernels); it has no dropout, so "auto" then
+    falls back to SDPA and "triton" raises."""
     Tq, Tk = q.size(2), k.size(2)
+    if Tq == Tk and use_triton_kernels(kernels, q.device) and (dropout_p == 0 or kernels == "triton"):
+        from kernels.attention import flash_attention
+        return flash_attention(q, k, v, dropout_p)
     if Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    if Tq == 1 and q.device.type == "cpu" and dropout_p == 0.0:
+        # one new token against the cache: two small matmuls. SDPA's CPU flash kernel takes milliseconds here.
+        scores = torch.matmul(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, 1, Tk)
+        return torch.matmul(scores.softmax(dim=-1), v)
     if Tq == 1:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
-def lm_head_loss(x, weight, targets, ignore_index: int = -100):
-    """Mean next-token cross-entropy of the logits x @ weight^T against targets. x: (B, T, C)."""
+def lm_head_loss(x, weight, targets, ignore_index: int = -100, kernels: str = "torch"):
+    """Mean next-token cross-entropy of the logits x @ weight^T against targets. x: (B, T, C).
+    On the CPU the logits are never held whole (ChunkedLinearCrossEntropy), nor with Triton kernels
+    (kernels/cross_entropy.py, see use_triton_kernels); elsewhere PyTorch's ops."""
+    if use_triton_kernels(kernels, x.device):
+        from kernels.cross_entropy import linear_cross_entropy
+        return linear_cross_entropy(x.reshape(-1, x.size(-1)), weight, targets.reshape(-1), ignore_index)
+    if x.device.type == "cpu":
+        want_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+        return ChunkedLinearCrossEntropy.apply(x.reshape(-1, x.size(-1)), weight, targets.reshape(-1), ignore_index,
+                                               want_grad)
+    return plain_lm_head_loss(x, weight, targets, ignore_index)
+
+
+def plain_lm_head_loss(x, weight, targets, ignore_index: int = -100):
+    """The reference: the whole (B*T, vocab) logits, then F.cross_entropy."""
     logits = F.linear(x, weight)
-    return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=ignore_index)
+    logits = logits.reshape(-1, logits.size(-1)).to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, targets.reshape(-1), ignore_index=ignore_index)
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """The projection to the vocabulary and the loss in one, over chunks of rows, so the (N, V) logits (412 MB
+    for 2,048 tokens of GPT-2's vocabulary in fp32) never exist, nor the log-softmax and gradient tensors of
+    the same size that F.cross_entropy's backward makes. Each chunk's logits are turned into their gradient
+    in place while the forward runs (softmax minus one-hot, over the count of counted targets), and dX and dW
+    are accumulated then; backward only scales them. Chunks stay large (>= 512 rows) because every chunk
+    re-reads and re-writes the whole dW."""
+
+    chunk_elements = 1 << 25  # 128 MB of fp32 logits per chunk
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, ignore_index, want_grad):  # x: (N, C), weight: (V, C), targets: (N,)
+        N, V = x.size(0), weight.size(0)
+        rows = min(N, max(512, ChunkedLinearCrossEntropy.chunk_elements // V))
+        counted = targets != ignore_index
+        n_counted = counted.sum()
+        acc_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 sums for fp16/bf16 inputs
+        scale = 1.0 / n_counted.to(acc_dtype)  # inf when every target is ignored: the loss is nan, as in F.cross_entropy
+        grad_scale = torch.where(n_counted > 0, scale, torch.zeros_like(scale))
+        dx = torch.empty_like(x) if want_grad else None
+        dw = torch.zeros_like(weight) if want_grad else None
+        logits = torch.empty(rows, V, dtype=x.dtype, device=x.device)
+        total = torch.zeros((), dtype=acc_dtype, device=x.device)
+        for start in range(0, N, rows):
+            end = min(N, start + rows)
+            xc, keep = x[start:end], counted[start:end]
+            target = torch.where(keep, targets[start:end], 0)[:, None]
+            lc = torch.mm(xc, weight.t(), out=logits[:end - start]).to(acc_dtype)  # no copy in fp32
+            lse = torch.logsumexp(lc, dim=1)
+            total += ((lse - lc.gather(1, target).squeeze(1)) * keep).sum()
+            if want_grad:
+                lc.sub_(lse[:, None]).exp_()  # softmax
+                lc.scatter_add_(1, target, -keep[:, None].to(lc.dtype))  # minus one-hot
+                lc.mul_(keep[:, None] * grad_scale)
+                g = lc.to(x.dtype)
+                torch.mm(g, weight, out=dx[start:end])
+                dw.addmm_(g.t(), xc)
+        ctx.save_for_backward(dx, dw)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dx, dw = ctx.saved_tensors
+        return dx * grad_loss, dw * grad_loss, None, None, None
 
 
 # --- layers ---------------------------------------------------------------------------------------------
@@ -131,11 +223,12 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        self.kernels = config.kernels
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v together
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope=None, cache: Optional[KVCache] = None):
+    def forward(self, x, rope=None, cache: Optional[KVCache] = None, attn_mask=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -145,7 +238,11 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.append(k, v)
-        y = causal_attention(q, k, v, self.dropout if self.training else 0.0)
+        if attn_mask is None:
+            y = causal_attention(q, k, v, self.dropout if self.training else 0.0, self.kernels)
+        else:  # a left-padded batch: the mask (B, 1, T, Tk) is causal and hides the padding
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -179,9 +276,25 @@ class Block(nn.Module):
         self.ln_2 = Norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, cache=None):
-        x = x + self.attn(self.ln_1(x), rope, cache)
+    def forward(self, x, rope=None, cache=None, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), rope, cache, attn_mask)
         return x + self.mlp(self.ln_2(x))
+
+
+def left_padding(attention_mask, start: int, T: int):
+    """For a left-padded batch whose attention_mask (B, start + T) is 0 on padding and 1 on tokens: the
+    positions (B, T) of the last T columns, counting tokens only, and the attention mask (B, 1, T, start + T),
+    True where a query may see a key. A padded row then computes exactly what it would alone: its tokens see
+    no padding and sit at the positions they would have unpadded. A padding query sees only itself, so that
+    no row of the softmax is empty."""
+    if attention_mask.size(1) != start + T:
+        raise ValueError(f"attention_mask covers {attention_mask.size(1)} positions, expected {start + T} "
+                         "(the cached ones and the new ones)")
+    positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, start:]
+    keys = torch.arange(start + T, device=attention_mask.device)
+    queries = keys[start:, None]
+    visible = (keys <= queries) & (attention_mask.bool()[:, None, :] | (keys == queries))  # (B, T, start + T)
+    return positions, visible[:, None]
 
 
 # --- the model ------------------------------------------------------------------------------------------
@@ -235,20 +348,27 @@ class GPT(nn.Module):
         T = seq_len or self.config.block_size
         return 6 * self.num_params(non_embedding=False) + 12 * self.config.n_layer * self.config.n_embd * T
 
-    def hidden_states(self, idx, caches: Optional[List[KVCache]] = None, start: int = 0):
-        """Final-norm hidden states (B, T, C) of tokens idx (B, T) sitting at positions start, start+1, ..."""
+    def hidden_states(self, idx, caches: Optional[List[KVCache]] = None, start: int = 0, attention_mask=None):
+        """Final-norm hidden states (B, T, C) of tokens idx (B, T) sitting at positions start, start+1, ...
+        A left-padded batch passes attention_mask (B, start + T): 0 on padding, 1 on tokens (see left_padding)."""
         B, T = idx.size()
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
         x = self.transformer.wte(idx)
-        rope = None
-        if self.config.pos == "learned":
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+        rope, attn_mask = None, None
+        if attention_mask is None:
+            positions = torch.arange(start, start + T, device=idx.device)  # (T,)
         else:
+            positions, attn_mask = left_padding(attention_mask, start, T)  # (B, T), (B, 1, T, start + T)
+        if self.config.pos == "learned":
+            x = x + self.transformer.wpe(positions)
+        elif attention_mask is None:
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        else:  # per-row angles (B, 1, T, hs/2), broadcast over the heads
+            rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, rope, caches[i] if caches is not None else None)
+            x = block(x, rope, caches[i] if caches is not None else None, attn_mask)
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
@@ -257,7 +377,7 @@ class GPT(nn.Module):
         x = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(x), None
-        return None, lm_head_loss(x, self.lm_head.weight, targets)
+        return None, lm_head_loss(x, self.lm_head.weight, targets, kernels=self.config.kernels)
 
     # --- generation -------------------------------------------------------------------------------------
 
@@ -267,26 +387,32 @@ class GPT(nn.Module):
         return [KVCache(batch_size, c.n_head, c.block_size, c.n_embd // c.n_head, p.device, p.dtype)
                 for _ in range(c.n_layer)]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
                         top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
-                        eot_token: Optional[int] = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
+                        eot_token: Optional[int] = None, use_cache: bool = True,
+                        attention_mask=None) -> Iterator[torch.Tensor]:
         """Yield the next token of each sequence, (B,), max_new_tokens times or until every sequence has
         produced eot_token (a finished sequence keeps yielding eot_token). Context longer than block_size
-        is cropped to its last block_size tokens, with or without the cache, so both give the same tokens."""
+        is cropped to its last block_size tokens, with or without the cache, so both give the same tokens.
+        Prompts of different lengths go in one batch left-padded, with attention_mask (B, T) 0 on the padding:
+        each row then yields what it would alone; such a batch is never cropped, so it must fit block_size."""
         block_size = self.config.block_size
+        if attention_mask is not None and idx.size(1) + max_new_tokens > block_size:
+            raise ValueError(f"a left-padded batch of {idx.size(1)} columns + {max_new_tokens} new tokens does not "
+                             f"fit block_size {block_size}: lower max_new_tokens, or generate the prompts one by one")
         caches, cached = None, 0  # cached: how many tokens of idx the caches hold
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             context = idx[:, -block_size:]
             if not use_cache:
-                x = self.hidden_states(context)
+                x = self.hidden_states(context, attention_mask=attention_mask)
             elif caches is None or idx.size(1) > block_size:  # (re)fill the caches from the whole context
                 caches = self.new_caches(idx.size(0))
-                x = self.hidden_states(context, caches)
+                x = self.hidden_states(context, caches, attention_mask=attention_mask)
                 cached = idx.size(1)
             else:  # only the newest token is new
-                x = self.hidden_states(idx[:, cached:], caches, start=cached)
+                x = self.hidden_states(idx[:, cached:], caches, start=cached, attention_mask=attention_mask)
                 cached = idx.size(1)
             logits = self.lm_head(x[:, -1, :]).float()
             token = sample_next(logits, temperature, top_k, top_p, generator)
@@ -294,6 +420,8 @@ class GPT(nn.Module):
                 token = torch.where(finished, torch.full_like(token, eot_token), token)
                 finished |= token == eot_token
             idx = torch.cat((idx, token[:, None]), dim=1)
+            if attention_mask is not None:
+                attention_mask = F.pad(attention_mask, (0, 1), value=1)
             yield token
             if eot_token is not None and bool(finished.all()):
                 return
@@ -309,18 +437,19 @@ def sample_next(logits, temperature: float = 1.0, top_k: Optional[int] = None, t
                 generator: Optional[torch.Generator] = None):
     """One token per row of logits (B, V): greedy when temperature is 0; otherwise sampled from
     softmax(logits / temperature) restricted to the top_k most likely tokens and to the smallest set whose
-    probability reaches top_p (nucleus sampling)."""
+    probability reaches top_p (nucleus sampling). With top_k, only those k columns are sorted and sampled,
+    never the whole vocabulary."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
+    candidates = None  # the token id of each column of logits, once they are no longer the whole vocabulary
     if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits, candidates = torch.topk(logits, top_k, dim=-1)  # most likely first
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # probability of the tokens ranked above
-        drop = before >= top_p  # the most likely token is always kept (before == 0)
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+        if candidates is None:
+            logits, candidates = torch.sort(logits, descending=True, dim=-1)
+        probs = logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
+        logits = logits.masked_fill(before >= top_p, float("-inf"))  # the most likely token always stays
+    choice = torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)  # (B, 1)
+    return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)

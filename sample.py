@@ -4,6 +4,8 @@ Generate text from a trained model, streaming it as it comes; or show the next-t
     python sample.py --start="One day"
     python sample.py --out_dir=out/quickstart --start=FILE:prompt.txt --num_samples=3 --max_new_tokens=200
     python sample.py --start="Your effort will take you" --show_probs
+    python sample.py --out_dir=out/chat --chat --start="Write a story that uses the words: dog, ball, happy."
+    python sample.py --out_dir=out/quickstart --adapter=out/chat --chat       # base + LoRA adapter, interactive
 
 Settings are the globals below (configurator.py: config files or --key=value). The text goes to stdout,
 the speed of each sample to stderr, so `python sample.py > story.txt` keeps only the story.
@@ -35,10 +37,13 @@ device = "auto"  # "auto", "cpu", "cuda", "mps"
 show_probs = False  # print the next-token probability table for the prompt instead of sampling
 show_top = 10  # rows of that table
 use_cache = True  # the KV cache; False recomputes the whole context each step (same tokens, slower)
+chat = False  # a finetune.py model: start is a user message in the chat template; no start: chat on stdin
+system = ""  # with chat: a system message that opens the conversation
+adapter = ""  # a finetune.py LoRA run (or checkpoint directory) to apply to out_dir's model
 # --------------------------------------------------------------------------------------------------------
 
 
-class SampleError(RuntimeError):
+class SampleError(ValueError):  # a ValueError, so that errors of the copy finetune.py imports are caught too
     pass
 
 
@@ -66,9 +71,8 @@ def load_tokenizer(run_dir, info):
     return tok
 
 
-def load_for_inference(run_dir, which="best", map_device="cpu"):
-    """(model in eval mode, tokenizer, config dict) from run_dir/<which>, falling back to last/ when best/
-    is missing. Weights come from safetensors: no pickle is loaded."""
+def find_checkpoint(run_dir, which="best"):
+    """The checkpoint directory run_dir/<which>, or run_dir/last when best/ is missing."""
     path = os.path.join(run_dir, which)
     if not os.path.isdir(path) and which == "best":
         path = os.path.join(run_dir, "last")
@@ -76,6 +80,18 @@ def load_for_inference(run_dir, which="best", map_device="cpu"):
     if not os.path.isfile(config_path):
         raise SampleError(f"no checkpoint in {run_dir}: train one with `python train.py ...` "
                           f"(looked for {config_path})")
+    return path
+
+
+def load_for_inference(run_dir, which="best", map_device="cpu"):
+    """(model in eval mode, tokenizer, config dict) from run_dir/<which>, falling back to last/ when best/
+    is missing; a LoRA checkpoint of finetune.py comes with its base model. Weights come from safetensors:
+    no pickle is loaded."""
+    path = find_checkpoint(run_dir, which)
+    if os.path.isfile(os.path.join(path, "adapter.safetensors")):
+        from finetune import load_lora_checkpoint
+        return load_lora_checkpoint(path, map_device)
+    config_path = os.path.join(path, "config.json")
     with open(config_path) as f:
         config = json.load(f)
     model = GPT(GPTConfig(**config["model"]))
@@ -121,6 +137,65 @@ class StreamDecoder:
         return text
 
 
+def stream_sample(model, tok, ids, stop_token, generator, dev):
+    """Generate after ids until stop_token or max_new_tokens, writing the text to stdout as it comes and the
+    speed to stderr. Returns the text."""
+    x = torch.tensor([ids], device=dev)
+    decoder = StreamDecoder(tok)
+    started, produced, pieces = time.time(), 0, []
+    for token in model.generate_stream(x, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                                       top_p=top_p, generator=generator, eot_token=stop_token,
+                                       use_cache=use_cache):
+        token = int(token[0])
+        produced += 1
+        if token == stop_token:
+            break
+        pieces.append(decoder.feed(token))
+        sys.stdout.write(pieces[-1])
+        sys.stdout.flush()
+    pieces.append(decoder.flush())
+    sys.stdout.write(pieces[-1] + "\n")
+    sys.stdout.flush()
+    elapsed = time.time() - started
+    print(f"[{produced} tokens in {elapsed:.2f} s: {produced / max(elapsed, 1e-9):.1f} tok/s]", file=sys.stderr)
+    return "".join(pieces)
+
+
+def chat_messages(tok, history):
+    """The ids of history (a list of messages) in the chat template, ready for the assistant's answer."""
+    from finetune import IM_END, render_conversation
+    if IM_END not in tok.special_tokens:
+        raise SampleError(f"the model of {out_dir} has no chat tokens: --chat needs a model fine-tuned with "
+                          "finetune.py (or an --adapter)")
+    return render_conversation(tok, history, generation_prompt=True)[0]
+
+
+def chat_session(model, tok, prompt, generator, dev):
+    """--chat: the prompt as a user message, answered num_samples times; with no prompt, a conversation typed
+    on stdin (an empty line or Ctrl-D ends it). The model sees the last block_size tokens of it."""
+    history = [{"role": "system", "content": system}] if system else []
+    chat_messages(tok, history)  # no chat tokens: fail before anything is typed
+    end = tok.special_tokens["<|im_end|>"]
+    if prompt:
+        ids = chat_messages(tok, history + [{"role": "user", "content": prompt}])
+        for n in range(num_samples):
+            stream_sample(model, tok, ids, end, generator, dev)
+            if n < num_samples - 1:
+                sys.stdout.write("---------------\n")
+        return
+    while True:
+        try:
+            line = input("user> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        sys.stdout.write("assistant> ")
+        reply = stream_sample(model, tok, chat_messages(tok, history), end, generator, dev)
+        history.append({"role": "assistant", "content": reply})
+
+
 @torch.no_grad()
 def probability_table(model, tok, ids, rows):
     """[(token text, id, probability, log-probability)] of the rows most likely next tokens."""
@@ -133,9 +208,13 @@ def probability_table(model, tok, ids, rows):
 
 def main():
     dev = auto_device(device)
-    model, tok, _ = load_for_inference(out_dir, checkpoint, dev)
+    if adapter:
+        from finetune import load_lora_checkpoint
+        model, tok, _ = load_lora_checkpoint(adapter, dev, base_dir=out_dir, base_which=checkpoint)
+    else:
+        model, tok, _ = load_for_inference(out_dir, checkpoint, dev)
     prompt = read_prompt(start)
-    ids = prompt_ids(tok, prompt)
+    ids = chat_messages(tok, [{"role": "user", "content": prompt}]) if chat and prompt else prompt_ids(tok, prompt)
     if show_probs:
         print(f"next-token probabilities after {prompt!r}:")
         print(f"  {'token':<16} {'id':>6} {'probability':>12} {'log-prob':>9}")
@@ -143,26 +222,15 @@ def main():
             print(f"  {text!r:<16} {i:>6} {p:>12.4f} {lp:>9.3f}")
         return
     generator = torch.Generator(device=dev).manual_seed(seed)
+    if chat:
+        chat_session(model, tok, prompt, generator, dev)
+        return
     for n in range(num_samples):
-        x = torch.tensor([ids], device=dev)
-        decoder = StreamDecoder(tok)
         sys.stdout.write(prompt)
-        started, produced = time.time(), 0
-        for token in model.generate_stream(x, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                                           top_p=top_p, generator=generator, eot_token=tok.eot_token,
-                                           use_cache=use_cache):
-            token = int(token[0])
-            produced += 1
-            if token == tok.eot_token:
-                break
-            sys.stdout.write(decoder.feed(token))
-            sys.stdout.flush()
-        sys.stdout.write(decoder.flush() + "\n")
+        stream_sample(model, tok, ids, tok.eot_token, generator, dev)
         if n < num_samples - 1:
             sys.stdout.write("---------------\n")
-        sys.stdout.flush()
-        elapsed = time.time() - started
-        print(f"[{produced} tokens in {elapsed:.2f} s: {produced / max(elapsed, 1e-9):.1f} tok/s]", file=sys.stderr)
+            sys.stdout.flush()
 
 
 if __name__ == "__main__":

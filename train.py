@@ -20,12 +20,11 @@ import signal
 import sys
 import tempfile
 import time
-import warnings
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 
 from configurator import ConfigError, configure, settings_of
 from data import TokenDataset
@@ -71,6 +70,7 @@ min_lr = 1e-4
 device = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:1", "mps"
 dtype = "auto"  # "auto" (bfloat16 on CUDA when supported, else float32), "float32", "bfloat16", "float16"
 compile = False  # torch.compile the model (falls back to eager, with a warning, where it cannot)
+kernels = "auto"  # attention and loss as our Triton kernels: "auto" (on CUDA), "triton" or "torch"
 num_threads = 0  # CPU threads for torch; 0: all cores (shared between processes under torchrun)
 seed = 1337
 peak_flops = 0.0  # the accelerator's peak FLOP/s for MFU; 0: look it up for known GPUs
@@ -115,32 +115,35 @@ def pick_dtype(requested, device_type):
     return requested
 
 
-def batch_seed(split, iteration, micro_step):
+def batch_seed(seed, split, iteration, micro_step):
     """The seed of one micro-batch. Batches depend only on (seed, split, iteration, micro-batch index), so a
     resumed run draws the same data, and N processes draw together what one process draws alone."""
     key = f"{seed}/{split}/{iteration}/{micro_step}".encode()  # not hash(): str hashes vary per process
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def get_lr(it):
-    decay_iters = lr_decay_iters or max_iters
-    if not decay_lr:
-        return learning_rate
+def get_lr(it, max_lr, min_lr, warmup_iters, decay_iters, decay=True):
+    """Linear warmup to max_lr over warmup_iters, then cosine decay to min_lr at decay_iters; max_lr
+    throughout when not decay."""
+    if not decay:
+        return max_lr
     if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
+        return max_lr * (it + 1) / (warmup_iters + 1)
     if it >= decay_iters:
         return min_lr
     progress = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
-def make_optimizer(model, device_type):
-    """AdamW; weight decay on matrices (embeddings, linear weights), none on biases and norm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    extra = {"fused": True} if device_type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), **extra)
+def make_optimizer(params, device_type, learning_rate, weight_decay, betas, no_decay=()):
+    """AdamW over the params that require grad; weight decay on matrices (embeddings, linear weights), none
+    on biases, norm gains and the params in no_decay."""
+    params = [p for p in params if p.requires_grad]
+    exempt = {id(p) for p in no_decay}
+    groups = [{"params": [p for p in params if p.dim() >= 2 and id(p) not in exempt], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2 or id(p) in exempt], "weight_decay": 0.0}]
+    extra = {"fused": True} if device_type in ("cuda", "cpu") else {}  # on CPU fused is ~5x the default
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
 
 
 def known_peak_flops(device_type, dtype_name):
@@ -160,7 +163,7 @@ def tokenizer_info(meta):
     return {"name": meta["tokenizer"], "content_hash": meta["tokenizer_hash"], "n_vocab": meta["n_vocab"]}
 
 
-def copy_tokenizer(meta):
+def copy_tokenizer(meta, data_dir, out_dir):
     """A trained vocabulary travels with the run (out_dir/tokenizer.tiktoken), so sample.py needs no data."""
     if not meta.get("tokenizer_file"):
         return
@@ -177,7 +180,7 @@ def bits_per_byte(loss, split_meta):
 
 # --- checkpoints ----------------------------------------------------------------------------------------
 
-def checkpoint_dir(kind):
+def checkpoint_dir(out_dir, kind):
     """out_dir/last or out_dir/best, or the copy left by a save that was interrupted mid-swap."""
     path = os.path.join(out_dir, kind)
     old = os.path.join(out_dir, f".{kind}.old")
@@ -186,11 +189,16 @@ def checkpoint_dir(kind):
     return path
 
 
-def save_checkpoint(kind, model, optimizer, info):
-    """Write out_dir/<kind>/ whole or not at all: into a temporary directory, then swapped in by renames."""
+def save_checkpoint(out_dir, kind, model, optimizer, info, adapter=None):
+    """Write out_dir/<kind>/ whole or not at all: into a temporary directory, then swapped in by renames.
+    The model goes to model.safetensors; or, given an adapter (a dict of tensors: finetune.py's LoRA weights),
+    only the adapter goes, to adapter.safetensors. optimizer None: a checkpoint to sample from, not to resume."""
     tmp = tempfile.mkdtemp(dir=out_dir, prefix=f".{kind}.tmp")
-    save_model(model, os.path.join(tmp, "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "iter_num": info["iter_num"],
+    if adapter is None:
+        save_model(model, os.path.join(tmp, "model.safetensors"))
+    else:
+        save_file(adapter, os.path.join(tmp, "adapter.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else {}, "iter_num": info["iter_num"],
                 "best_val_loss": info["best_val_loss"], "tokens_seen": info["tokens_seen"],
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0)},
@@ -208,14 +216,14 @@ def save_checkpoint(kind, model, optimizer, info):
 def check_compatible(saved, current, path):
     """Refuse a checkpoint whose model shape or tokenizer differs from this run's."""
     diffs = [f"{k}: checkpoint {saved['model'].get(k)!r}, this run {v!r}"
-             for k, v in current["model"].items() if saved["model"].get(k) != v and k != "dropout"]
+             for k, v in current["model"].items() if saved["model"].get(k) != v and k not in ("dropout", "kernels")]
     if diffs:
         raise TrainError(f"the checkpoint in {path} is of another model:\n  " + "\n  ".join(diffs) +
                          "\nuse the settings it was trained with, or a new out_dir")
     if saved["tokenizer"]["content_hash"] != current["tokenizer"]["content_hash"]:
         raise TrainError(f"the checkpoint in {path} was trained with another tokenizer: "
                          f"{saved['tokenizer']['name']!r} (hash {saved['tokenizer']['content_hash'][:12]}), but "
-                         f"{data_dir} is tokenized with {current['tokenizer']['name']!r} "
+                         f"this run's is {current['tokenizer']['name']!r} "
                          f"(hash {current['tokenizer']['content_hash'][:12]})")
 
 
@@ -224,6 +232,11 @@ def load_checkpoint(path, model, optimizer, run_config):
         saved = json.load(f)
     check_compatible(saved, run_config, path)
     load_model(model, os.path.join(path, "model.safetensors"))
+    return load_training_state(path, optimizer)
+
+
+def load_training_state(path, optimizer):
+    """Restore the optimizer and RNG from path/state.pt (no pickle); return the state (iter_num, ...)."""
     state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng_cpu"])
@@ -234,12 +247,12 @@ def load_checkpoint(path, model, optimizer, run_config):
 
 # --- logging --------------------------------------------------------------------------------------------
 
-def append_log(record):
+def append_log(out_dir, record):
     with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
-def truncate_log(after_iter):
+def truncate_log(out_dir, after_iter):
     """On resume, drop log lines of iterations the checkpoint had not reached."""
     path = os.path.join(out_dir, "log.jsonl")
     if not os.path.exists(path):
@@ -250,7 +263,7 @@ def truncate_log(after_iter):
         f.writelines(kept)
 
 
-def plot_loss_curve():
+def plot_loss_curve(out_dir):
     """out_dir/loss.png: train and val loss against tokens seen, from log.jsonl."""
     import matplotlib
     matplotlib.use("Agg")
@@ -302,14 +315,14 @@ def main():
     meta = dataset.meta
     model_config = GPTConfig(block_size=block_size, vocab_size=meta["n_vocab"], n_layer=n_layer, n_head=n_head,
                              n_embd=n_embd, dropout=dropout, bias=bias, pos=pos, norm=norm, mlp=mlp,
-                             tie_embeddings=tie_embeddings)
+                             tie_embeddings=tie_embeddings, kernels=kernels)
     run_config = {"model": model_config.to_dict(), "tokenizer": tokenizer_info(meta),
                   "train": settings_of(globals())}
     model = GPT(model_config).to(dev)
-    optimizer = make_optimizer(model, device_type)
+    optimizer = make_optimizer(model.parameters(), device_type, learning_rate, weight_decay, (beta1, beta2))
 
     iter_num, best_val_loss, tokens_seen = 0, float("inf"), 0
-    last = checkpoint_dir("last")
+    last = checkpoint_dir(out_dir, "last")
     has_checkpoint = os.path.isfile(os.path.join(last, "state.pt"))
     if init_from == "resume" and not has_checkpoint:
         raise TrainError(f"no checkpoint to resume in {out_dir}: train with --init_from=scratch first")
@@ -321,10 +334,10 @@ def main():
         iter_num, best_val_loss, tokens_seen = state["iter_num"], state["best_val_loss"], state["tokens_seen"]
         if master:
             print(f"resuming from {last} at iteration {iter_num}")
-            truncate_log(iter_num)
+            truncate_log(out_dir, iter_num)
     if master:
         os.makedirs(out_dir, exist_ok=True)
-        copy_tokenizer(meta)
+        copy_tokenizer(meta, data_dir, out_dir)
         print(f"model: {model.num_params() / 1e6:.2f}M parameters without embeddings, "
               f"{model.num_params(False) / 1e6:.2f}M in all; {dev}, {dtype_name}, {world_size} process(es)")
 
@@ -351,7 +364,7 @@ def main():
         for split in ("train", "val"):
             total = torch.zeros(2, device=dev)
             for k in range(rank, eval_iters, world_size):
-                g = torch.Generator().manual_seed(batch_seed(f"eval-{split}", 0, k))
+                g = torch.Generator().manual_seed(batch_seed(seed, f"eval-{split}", 0, k))
                 x, y = dataset.get_batch(split, batch_size, block_size, g, dev)
                 with autocast:
                     _, loss = raw_model(x, y)
@@ -374,15 +387,15 @@ def main():
         bpb = bits_per_byte(losses["val"], meta["splits"]["val"])
         print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
               f"val {bpb:.4f} bits/byte")
-        append_log({"iter": iter_num, "tokens": tokens_seen, "train_loss": losses["train"],
+        append_log(out_dir, {"iter": iter_num, "tokens": tokens_seen, "train_loss": losses["train"],
                     "val_loss": losses["val"], "val_bpb": bpb})
         if eval_only:
             return
         if losses["val"] < best_val_loss:
             best_val_loss = losses["val"]
-            save_checkpoint("best", raw_model, optimizer, checkpoint_info())
-        save_checkpoint("last", raw_model, optimizer, checkpoint_info())
-        plot_loss_curve()
+            save_checkpoint(out_dir, "best", raw_model, optimizer, checkpoint_info())
+        save_checkpoint(out_dir, "last", raw_model, optimizer, checkpoint_info())
+        plot_loss_curve(out_dir)
 
     stop_signal = []
 
@@ -400,12 +413,12 @@ def main():
     while iter_num < max_iters:
         if iter_num % eval_interval == 0:
             evaluate_and_save()
-        lr = get_lr(iter_num)
+        lr = get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters or max_iters, decay_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_loss = torch.zeros((), device=dev)
         for micro in range(micro_steps):
-            g = torch.Generator().manual_seed(batch_seed("train", iter_num, rank * micro_steps + micro))
+            g = torch.Generator().manual_seed(batch_seed(seed, "train", iter_num, rank * micro_steps + micro))
             x, y = dataset.get_batch("train", batch_size, block_size, g, dev)
             if ddp:
                 model.require_backward_grad_sync = micro == micro_steps - 1
@@ -436,14 +449,14 @@ def main():
             mfu = flops_per_step / (elapsed / steps) / peak if peak else None
             print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {ms:.0f} ms/iter, {tok_s:,.0f} tok/s"
                   + (f", MFU {100 * mfu:.1f}%" if mfu is not None else ""))
-            append_log({"iter": iter_num, "tokens": tokens_seen, "loss": loss_value, "lr": lr, "ms": ms,
+            append_log(out_dir, {"iter": iter_num, "tokens": tokens_seen, "loss": loss_value, "lr": lr, "ms": ms,
                         "tok_per_s": tok_s, "mfu": mfu})
         stop = torch.tensor(float(bool(stop_signal)), device=dev)
         if ddp:
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         if stop.item():
             if master:
-                save_checkpoint("last", raw_model, optimizer, checkpoint_info())
+                save_checkpoint(out_dir, "last", raw_model, optimizer, checkpoint_info())
                 print(f"stopped at iteration {iter_num}; saved {out_dir}/last. Continue with --init_from=resume")
             break
     else:

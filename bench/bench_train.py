@@ -8,7 +8,7 @@ same dimensions, batch, device and dtype; a full step is forward, backward and A
 
 Shapes: (a) 4 layers, 4 heads, 128 wide, GPT-2 vocabulary (50,257), T=256, B=8;
         (b) 6 layers, 6 heads, 288 wide, 8,192 vocabulary, T=256, B=8.
-Each model runs in its own process, so peak memory (max RSS on CPU, max allocated on CUDA) is its own.
+Each model runs in its own process, so peak memory (VmHWM on CPU, max allocated on CUDA) is its own.
 Before timing, both models are given the same weights and must give the same loss on the same batch.
 """
 import argparse
@@ -113,31 +113,37 @@ def build(which, shape):
     return RefGPT(**dims)
 
 
-def make_optimizer(model, device):
+def make_optimizer(which, model, device):
+    """AdamW with weight decay on matrices. nanoGPT fuses it on CUDA only; train.py fuses it on CPU too."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
+    fused = device.startswith("cuda") or (which == "ours" and device == "cpu")
     return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=1e-4, betas=(0.9, 0.95), fused=device.startswith("cuda") or None)
+                             lr=1e-4, betas=(0.9, 0.95), fused=fused or None)
 
 
 def peak_memory_mb(device):
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    try:  # the process's own high-water mark (ru_maxrss would carry over the parent's through fork + exec)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker(which, shape_name, device, dtype, steps):
     shape = SHAPES[shape_name]
     torch.manual_seed(0)
     model = build(which, shape).to(device)
-    optimizer = make_optimizer(model, device)
+    optimizer = make_optimizer(which, model, device)
     B, T = shape["batch_size"], shape["block_size"]
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, shape["vocab_size"], (B, T + 1), generator=g).to(device) for _ in range(4)]
     autocast = torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype), enabled=dtype != "float32")
 
     def step(i):
-        x, y = batches[i % 4][:, :-1], batches[i % 4][:, 1:]
+        x, y = batches[i % 4][:, :-1].contiguous(), batches[i % 4][:, 1:].contiguous()
         with autocast:
             _, loss = model(x, y)
         loss.backward()
@@ -170,8 +176,9 @@ def check_same_loss(shape_name, device):
     missing = ref.load_state_dict(ours.state_dict(), strict=False)
     assert not missing.missing_keys or missing.missing_keys == ["lm_head.weight"], missing
     x = torch.randint(0, shape["vocab_size"], (shape["batch_size"], shape["block_size"] + 1), device=device)
-    _, loss_ours = ours(x[:, :-1], x[:, 1:])
-    _, loss_ref = ref(x[:, :-1], x[:, 1:])
+    x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    _, loss_ours = ours(x, y)
+    _, loss_ref = ref(x, y)
     assert math.isclose(loss_ours.item(), loss_ref.item(), rel_tol=1e-5), (loss_ours.item(), loss_ref.item())
     return loss_ours.item()
 

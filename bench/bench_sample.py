@@ -1,0 +1,106 @@
+"""
+Sampling speed on the CPU: model.generate against Hugging Face transformers' generate running the very same
+weights (converted by export.py), measured in the same run. Greedy outputs must be identical.
+
+    python bench/bench_sample.py                  # both models, batch 1 and 16, greedy and top-k/top-p
+    python bench/bench_sample.py --models=15M --batches=1 --new_tokens=128
+
+Models (Llama layout, random weights, tied 32,000-token embeddings, the shapes of llama2.c's stories15M and
+stories42M): 15M = 6 layers, 6 heads, 288 wide; 40M = 8 layers, 8 heads, 512 wide. Prompt: 16 tokens.
+Prefill (prompt processing) and decode (one token at a time) are timed separately.
+"""
+import argparse
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from export import llama_model  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+MODELS = {
+    "15M": dict(n_layer=6, n_head=6, n_embd=288),
+    "40M": dict(n_layer=8, n_head=8, n_embd=512),
+}
+PROMPT_TOKENS = 16
+
+
+def build(name):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32000, block_size=512, pos="rope", norm="rmsnorm", mlp="swiglu",
+                          **MODELS[name])).eval()
+    with torch.no_grad():  # sharper logits than at init, so sampling is not uniform noise
+        model.transformer.wte.weight.mul_(8)
+    return model, llama_model(model)
+
+
+def time_ours(model, prompt, new_tokens, sampling):
+    kw = dict(temperature=1.0, top_k=40, top_p=0.9) if sampling else dict(temperature=0)
+    g = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    stream = model.generate_stream(prompt, new_tokens, generator=g, **kw)
+    tokens = [next(stream)]  # the prefill and the first token
+    first = time.perf_counter()
+    tokens += list(stream)
+    end = time.perf_counter()
+    return first - start, end - first, torch.cat([prompt] + [t[:, None] for t in tokens], dim=1)
+
+
+def time_hf(hf, prompt, new_tokens, sampling):
+    kw = dict(do_sample=True, top_k=40, top_p=0.9, temperature=1.0) if sampling else dict(do_sample=False)
+    common = dict(eos_token_id=None, pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    with torch.inference_mode():
+        start = time.perf_counter()
+        hf.generate(prompt, max_new_tokens=1, min_new_tokens=1, **common, **kw)
+        first = time.perf_counter()
+        out = hf.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **common, **kw)
+        end = time.perf_counter()
+    prefill = first - start
+    return prefill, (end - first) - prefill, out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    parser.add_argument("--models", default="15M,40M")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--new_tokens", type=int, default=256)
+    args = parser.parse_args()
+    transformers.logging.set_verbosity_error()
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    print(f"machine: {cpu}, {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} threads), "
+          f"transformers {transformers.__version__}; {args.new_tokens} new tokens after a {PROMPT_TOKENS}-token "
+          "prompt; tok/s counts every sequence of the batch")
+    for name in args.models.split(","):
+        model, hf = build(name)
+        print(f"\n{name} model ({model.num_params(False) / 1e6:.1f}M parameters)")
+        print(f"  {'batch':>5} {'mode':<8} {'ours prefill':>13} {'ours decode':>12} {'HF prefill':>11} "
+              f"{'HF decode':>10} {'decode ratio':>12}")
+        for batch in [int(b) for b in args.batches.split(",")]:
+            prompt = torch.randint(0, 32000, (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
+            for sampling in (False, True):
+                time_ours(model, prompt, 8, sampling)  # warm-up
+                time_hf(hf, prompt, 8, sampling)
+                p_ours, d_ours, out_ours = time_ours(model, prompt, args.new_tokens, sampling)
+                p_hf, d_hf, out_hf = time_hf(hf, prompt, args.new_tokens, sampling)
+                if not sampling:
+                    assert torch.equal(out_ours, out_hf), "greedy outputs differ from transformers'"
+                decoded = batch * (args.new_tokens - 1)
+                prefilled = batch * PROMPT_TOKENS
+                mode = "top-k/p" if sampling else "greedy"
+                print(f"  {batch:>5} {mode:<8} {prefilled / p_ours:>9,.0f} t/s {decoded / d_ours:>8,.0f} t/s "
+                      f"{prefilled / p_hf:>7,.0f} t/s {decoded / d_hf:>6,.0f} t/s {d_hf / d_ours:>11.2f}x")
+    print("\ngreedy outputs identical to transformers': yes (asserted)")
+
+
+if __name__ == "__main__":
+    main()
