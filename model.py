@@ -22,6 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+try:
+    import _nanoslm  # the C++ extension (setup.py); without it, generation runs on PyTorch's ops alone
+except ImportError:
+    _nanoslm = None
+
 
 @dataclass
 class GPTConfig:
@@ -387,6 +392,51 @@ class GPT(nn.Module):
         return [KVCache(batch_size, c.n_head, c.block_size, c.n_embd // c.n_head, p.device, p.dtype)
                 for _ in range(c.n_layer)]
 
+    def native_decoder(self, caches: List[KVCache]):
+        """The decoding step in C++ (csrc/decode.cpp): the whole model for one new token per sequence in one
+        call, without eager PyTorch's per-operation overhead, over this model's weights and these caches.
+        Returns step(tokens (B,), pos) -> logits (B, V), a buffer reused by the next call; or None where it
+        does not apply: it needs the built extension, an fp32 model on the CPU in eval mode, and one sequence."""
+        p = self.lm_head.weight
+        batch = caches[0].k.size(0)
+        if _nanoslm is None or p.device.type != "cpu" or p.dtype != torch.float32 or self.training or batch != 1:
+            return None  # beyond one sequence, PyTorch's matrix-matrix products (MKL) are the faster ones
+        c = self.config
+
+        def array(t):
+            return None if t is None else t.detach().numpy()
+
+        def layer(block, cache):
+            attn, mlp = block.attn, block.mlp
+            return dict(ln_1_weight=array(block.ln_1.weight), ln_1_bias=array(block.ln_1.bias),
+                        attn_weight=array(attn.c_attn.weight), attn_bias=array(attn.c_attn.bias),
+                        attn_proj_weight=array(attn.c_proj.weight), attn_proj_bias=array(attn.c_proj.bias),
+                        ln_2_weight=array(block.ln_2.weight), ln_2_bias=array(block.ln_2.bias),
+                        fc_weight=array(mlp.c_fc.weight), fc_bias=array(mlp.c_fc.bias),
+                        mlp_proj_weight=array(mlp.c_proj.weight), mlp_proj_bias=array(mlp.c_proj.bias),
+                        k_cache=array(cache.k), v_cache=array(cache.v))
+
+        config = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, hidden=c.mlp_hidden,
+                      vocab_size=c.vocab_size, block_size=c.block_size, batch_size=batch,
+                      rmsnorm=c.norm == "rmsnorm", swiglu=c.mlp == "swiglu", rope=c.pos == "rope", eps=1e-5)
+        weights = dict(wte=array(self.transformer.wte.weight), lm_head=array(self.lm_head.weight),
+                       ln_f_weight=array(self.transformer.ln_f.weight), ln_f_bias=array(self.transformer.ln_f.bias))
+        if c.pos == "rope":
+            weights.update(rope_cos=array(self.rope_cos), rope_sin=array(self.rope_sin))
+        else:
+            weights.update(wpe=array(self.transformer.wpe.weight))
+        layers = [layer(block, cache) for block, cache in zip(self.transformer.h, caches)]
+        decoder = _nanoslm.Decoder(config, weights, layers, torch.get_num_threads())
+        logits = torch.empty(batch, c.vocab_size)
+
+        def step(tokens, pos: int):
+            decoder.step(tokens.contiguous().numpy(), pos, logits.numpy())
+            for cache in caches:
+                cache.length = pos + 1
+            return logits
+
+        return step
+
     @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
                         top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
@@ -401,7 +451,7 @@ class GPT(nn.Module):
         if attention_mask is not None and idx.size(1) + max_new_tokens > block_size:
             raise ValueError(f"a left-padded batch of {idx.size(1)} columns + {max_new_tokens} new tokens does not "
                              f"fit block_size {block_size}: lower max_new_tokens, or generate the prompts one by one")
-        caches, cached = None, 0  # cached: how many tokens of idx the caches hold
+        caches, cached, decoder = None, 0, None  # cached: how many tokens of idx the caches hold
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             context = idx[:, -block_size:]
@@ -411,10 +461,16 @@ class GPT(nn.Module):
                 caches = self.new_caches(idx.size(0))
                 x = self.hidden_states(context, caches, attention_mask=attention_mask)
                 cached = idx.size(1)
+                decoder = self.native_decoder(caches) if attention_mask is None else None
+            elif decoder is not None:  # only the newest token is new: the whole step in C++
+                x = None
+                logits = decoder(idx[:, -1], cached)
+                cached = idx.size(1)
             else:  # only the newest token is new
                 x = self.hidden_states(idx[:, cached:], caches, start=cached, attention_mask=attention_mask)
                 cached = idx.size(1)
-            logits = self.lm_head(x[:, -1, :]).float()
+            if x is not None:
+                logits = self.lm_head(x[:, -1, :]).float()
             token = sample_next(logits, temperature, top_k, top_p, generator)
             if eot_token is not None:
                 token = torch.where(finished, torch.full_like(token, eot_token), token)

@@ -21,8 +21,8 @@ setup(
         Pybind11Extension(
             "_nanoslm",
             sorted(["csrc/bindings.cpp", "csrc/pretokenize.cpp", "csrc/encoder.cpp", "csrc/trainer.cpp",
-                    "csrc/batch.cpp"]),
-            depends=["csrc/bpe.h", "csrc/unicode_table.h"],
+                    "csrc/batch.cpp", "csrc/decode.cpp"]),
+            depends=["csrc/bpe.h", "csrc/decode.h", "csrc/unicode_table.h"],
             extra_compile_args=compile_args,
             extra_link_args=link_args,
             cxx_std=17,

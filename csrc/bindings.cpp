@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "bpe.h"
+#include "decode.h"
 
 namespace py = pybind11;
 using namespace nanoslm;
@@ -96,10 +97,90 @@ void gather_checked(py::array data, py::array_t<int64_t> offsets, int64_t block_
     gather_batch<Token>(d, o, batch_size, block_size, xp, yp);
 }
 
+
+// The model's decoding step (decode.h) over its own tensors, passed as NumPy views (tensor.numpy(): no copy).
+// The arrays are kept referenced here, so the memory the pointers address lives as long as the Decoder.
+class PyDecoder {
+  public:
+    PyDecoder(const py::dict& config, const py::dict& weights, const py::list& layers, int n_threads)
+        : n_threads_(std::max(1, n_threads)) {
+        auto get = [&](const char* key) { return config[key].cast<int>(); };
+        c_ = DecoderConfig{get("n_layer"), get("n_head"), get("n_embd"), get("hidden"), get("vocab_size"),
+                           get("block_size"), get("batch_size"), config["rmsnorm"].cast<bool>(),
+                           config["swiglu"].cast<bool>(), config["rope"].cast<bool>(), config["eps"].cast<float>()};
+        const int C = c_.n_embd, V = c_.vocab_size, H = c_.hidden, T = c_.block_size, hs = C / c_.n_head;
+        if (c_.n_layer != int(layers.size())) throw std::invalid_argument("n_layer does not match the layers given");
+        w_.wte = input(weights, "wte", {V, C});
+        w_.wpe = c_.rope ? nullptr : input(weights, "wpe", {T, C});
+        w_.rope_cos = c_.rope ? input(weights, "rope_cos", {T, hs / 2}) : nullptr;
+        w_.rope_sin = c_.rope ? input(weights, "rope_sin", {T, hs / 2}) : nullptr;
+        w_.ln_f_weight = input(weights, "ln_f_weight", {C});
+        w_.ln_f_bias = input(weights, "ln_f_bias", {C}, true);
+        w_.lm_head = input(weights, "lm_head", {V, C});
+        const int fc_rows = c_.swiglu ? 2 * H : H;
+        for (py::handle layer : layers) {
+            py::dict d = layer.cast<py::dict>();
+            DecoderLayer L;
+            L.ln_1_weight = input(d, "ln_1_weight", {C});
+            L.ln_1_bias = input(d, "ln_1_bias", {C}, true);
+            L.attn_weight = input(d, "attn_weight", {3 * C, C});
+            L.attn_bias = input(d, "attn_bias", {3 * C}, true);
+            L.attn_proj_weight = input(d, "attn_proj_weight", {C, C});
+            L.attn_proj_bias = input(d, "attn_proj_bias", {C}, true);
+            L.ln_2_weight = input(d, "ln_2_weight", {C});
+            L.ln_2_bias = input(d, "ln_2_bias", {C}, true);
+            L.fc_weight = input(d, "fc_weight", {fc_rows, C});
+            L.fc_bias = input(d, "fc_bias", {fc_rows}, true);
+            L.mlp_proj_weight = input(d, "mlp_proj_weight", {C, H});
+            L.mlp_proj_bias = input(d, "mlp_proj_bias", {C}, true);
+            L.k_cache = const_cast<float*>(input(d, "k_cache", {c_.batch_size, c_.n_head, T, hs}, false, true));
+            L.v_cache = const_cast<float*>(input(d, "v_cache", {c_.batch_size, c_.n_head, T, hs}, false, true));
+            w_.layers.push_back(L);
+        }
+    }
+
+    void step(py::array_t<int64_t, py::array::c_style> tokens, int pos, py::array logits) {
+        if (tokens.ndim() != 1 || tokens.shape(0) != c_.batch_size)
+            throw std::invalid_argument("tokens must be (batch_size,) int64");
+        for (py::ssize_t b = 0; b < tokens.shape(0); ++b)
+            if (tokens.at(b) < 0 || tokens.at(b) >= c_.vocab_size)
+                throw std::out_of_range("token id " + std::to_string(tokens.at(b)) + " is outside the vocabulary");
+        if (pos < 0 || pos >= c_.block_size) throw std::out_of_range("pos must lie in [0, block_size)");
+        float* out = const_cast<float*>(check(logits, "logits", {c_.batch_size, c_.vocab_size}, true));
+        const int64_t* t = tokens.data();
+        py::gil_scoped_release release;
+        decode_step(c_, w_, t, pos, out, n_threads_);
+    }
+
+  private:
+    const float* check(const py::array& a, const std::string& name, std::vector<py::ssize_t> shape, bool writable) {
+        if (!a.dtype().is(py::dtype::of<float>()) || !(a.flags() & py::array::c_style) ||
+            a.ndim() != py::ssize_t(shape.size()) || !std::equal(shape.begin(), shape.end(), a.shape()) ||
+            (writable && !a.writeable()))
+            throw std::invalid_argument(name + " must be a C-contiguous float32 array of the model's shape");
+        return static_cast<const float*>(a.data());
+    }
+    const float* input(const py::dict& d, const char* key, std::vector<py::ssize_t> shape, bool optional = false,
+                       bool writable = false) {
+        if (!d.contains(key) || d[key].is_none()) {
+            if (optional) return nullptr;
+            throw std::invalid_argument(std::string("missing ") + key);
+        }
+        py::array a = d[key].cast<py::array>();
+        keep_.push_back(a);
+        return check(a, key, std::move(shape), writable);
+    }
+
+    DecoderConfig c_;
+    DecoderWeights w_;
+    int n_threads_;
+    std::vector<py::array> keep_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_nanoslm, m) {
-    m.doc() = "nanoslm native core: GPT-2 pre-tokenizer, BPE encoder and trainer, batch gathering";
+    m.doc() = "nanoslm native core: GPT-2 pre-tokenizer, BPE encoder and trainer, batch gathering, decoding";
 
     m.def("pretokenize", [](py::handle text) {
         std::string_view s = utf8_view(text);
@@ -197,4 +278,9 @@ PYBIND11_MODULE(_nanoslm, m) {
         else throw std::invalid_argument("data must be uint16 or uint32 tokens");
     }, py::arg("data"), py::arg("offsets"), py::arg("block_size"), py::arg("x"), py::arg("y"),
        "x[b] = data[offsets[b] : offsets[b] + T], y[b] = the same shifted by one.");
+    py::class_<PyDecoder>(m, "Decoder")
+        .def(py::init<const py::dict&, const py::dict&, const py::list&, int>(), py::arg("config"),
+             py::arg("weights"), py::arg("layers"), py::arg("n_threads"))
+        .def("step", &PyDecoder::step, py::arg("tokens"), py::arg("pos"), py::arg("logits"),
+             "Write the logits (B, V) of the tokens (B,) at position pos; their keys and values go into the caches.");
 }

@@ -148,3 +148,85 @@ def test_configure_errors(tmp_path):
 def test_settings_of_keeps_plain_values_only():
     ns = {"a": 1, "_b": 2, "torch": torch, "f": len, "s": "x"}
     assert settings_of(ns) == {"a": 1, "s": "x"}
+
+
+# --- the C++ decoding step (csrc/decode.cpp) ---------------------------------------------------------------
+
+def sharp(**kw):
+    """A tiny model with sharper logits than at init, so that greedy choices are not near-ties."""
+    model = tiny(**kw)
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(8)
+    return model
+
+
+def without_native(model):
+    model.native_decoder = lambda caches: None  # the instance attribute shadows the method
+    return model
+
+
+# head sizes 20 and 16, widths 40 and 64: the vector kernels' tails and their whole-register paths
+NATIVE_SHAPES = [dict(n_embd=40, n_head=2, vocab_size=101), dict(n_embd=64, n_head=4, vocab_size=300)]
+
+
+@pytest.mark.parametrize("shape", NATIVE_SHAPES)
+@pytest.mark.parametrize("style", STYLES)
+def test_native_decode_step_equals_pytorch(style, shape):
+    model = sharp(block_size=32, **shape, **style)
+    prompt = torch.randint(0, shape["vocab_size"], (1, 7))
+    with torch.inference_mode():
+        native_caches, plain_caches = model.new_caches(1), model.new_caches(1)
+        model.hidden_states(prompt, native_caches)
+        model.hidden_states(prompt, plain_caches)
+        step = model.native_decoder(native_caches)
+        assert step is not None
+        for pos, token in enumerate([5, 17, 99, 0], start=7):
+            tok = torch.tensor([token])
+            native = step(tok, pos).clone()
+            plain = model.lm_head(model.hidden_states(tok[:, None], plain_caches, start=pos))[:, -1]
+            torch.testing.assert_close(native, plain, atol=1e-5, rtol=1e-4)
+        for a, b in zip(native_caches, plain_caches):
+            assert a.length == b.length == 11
+            torch.testing.assert_close(a.k[:, :, :11], b.k[:, :, :11], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(a.v[:, :, :11], b.v[:, :, :11], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_native_generation_equals_pytorch_token_for_token(style):
+    model = sharp(**style)
+    plain = without_native(sharp(**style))
+    idx = torch.randint(0, 101, (1, 5))
+    # 30 new tokens: past block_size 16, so the cache is refilled and the native step resumes after
+    assert torch.equal(model.generate(idx, 30, temperature=0), plain.generate(idx, 30, temperature=0))
+    kw = dict(temperature=1.0, top_k=20, top_p=0.9)
+    a = model.generate(idx, 30, generator=torch.Generator().manual_seed(3), **kw)
+    b = plain.generate(idx, 30, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(a, b)
+
+
+def test_native_decoder_applies_only_where_it_is_exact():
+    model = tiny()
+    with torch.inference_mode():
+        assert model.native_decoder(model.new_caches(1)) is not None
+        assert model.native_decoder(model.new_caches(2)) is None  # batches run on PyTorch's matrix products
+        model.train()
+        assert model.native_decoder(model.new_caches(1)) is None  # dropout is PyTorch's
+        model.eval().double()
+        assert model.native_decoder(model.new_caches(1)) is None  # fp32 only
+
+
+def test_native_decoder_rejects_bad_input():
+    model = tiny()
+    with torch.inference_mode():
+        caches = model.new_caches(1)
+        model.hidden_states(torch.tensor([[1, 2, 3]]), caches)
+        step = model.native_decoder(caches)
+        with pytest.raises(IndexError, match="outside the vocabulary"):
+            step(torch.tensor([101]), 3)
+        with pytest.raises(IndexError, match="block_size"):
+            step(torch.tensor([1]), 16)
+        import _nanoslm
+        with pytest.raises(ValueError, match="missing wpe"):  # an incomplete model: a clear error, no crash
+            _nanoslm.Decoder(dict(n_layer=0, n_head=2, n_embd=32, hidden=128, vocab_size=101, block_size=16,
+                                  batch_size=1, rmsnorm=False, swiglu=False, rope=False, eps=1e-5),
+                             dict(wte=model.transformer.wte.weight.detach().numpy()), [], 1)

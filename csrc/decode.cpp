@@ -1,0 +1,331 @@
+// The decoding step of decode.h. At batch 1 a step is ~25 matrix-vector products whose cost is reading the
+// weights (60 MB for a 15M model with a 32K vocabulary), plus a few hundred tiny operations that cost
+// eager PyTorch a few microseconds each. Here every thread runs the whole step in lockstep ("SPMD"):
+// each computes its share of the rows of every matrix-vector product into a shared buffer and its share
+// of the attention heads, then waits at a barrier; the tiny vector operations (norms, residual adds,
+// activations) are done by every thread on its own copy, which costs less than another barrier.
+#include "decode.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define NSLM_PAUSE() _mm_pause()
+#else
+#define NSLM_PAUSE() std::this_thread::yield()
+#endif
+
+// The matrix-vector kernel is compiled for AVX-512, AVX2 and the baseline; the loader picks the best
+// the CPU has (GCC function multi-versioning), so one wheel is fast everywhere.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define NSLM_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define NSLM_VECTOR_CLONES
+#endif
+// Inlined into each clone, so compiled for its instruction set.
+#define NSLM_INLINE inline __attribute__((always_inline))
+
+namespace nanoslm {
+namespace {
+
+// All threads are busy until the step ends, so they spin at the barrier instead of sleeping.
+class SpinBarrier {
+  public:
+    explicit SpinBarrier(int n) : n_(n) {}
+    void wait() {
+        if (n_ == 1) return;
+        const int generation = generation_.load(std::memory_order_acquire);
+        if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n_ - 1) {
+            arrived_.store(0, std::memory_order_relaxed);
+            generation_.fetch_add(1, std::memory_order_release);
+        } else {
+            while (generation_.load(std::memory_order_acquire) == generation) NSLM_PAUSE();
+        }
+    }
+
+  private:
+    const int n_;
+    std::atomic<int> arrived_{0};
+    std::atomic<int> generation_{0};
+};
+
+// Worker threads kept between steps: starting threads for every token would cost more than some layers.
+// Between steps a worker spins briefly (the next token usually comes within a few hundred microseconds),
+// then sleeps until woken. Created on first use and never destroyed (nothing to join at interpreter exit);
+// a forked child, which has none of its parent's threads, makes its own.
+class WorkerPool {
+  public:
+    static WorkerPool& get(int n_threads) {
+        static std::mutex creation;
+        static WorkerPool* pool = nullptr;
+        std::lock_guard<std::mutex> lock(creation);
+        if (!pool || pool->pid_ != getpid() || pool->size() < n_threads) pool = new WorkerPool(n_threads);
+        return *pool;
+    }
+
+    int size() const { return int(threads_.size()) + 1; }
+
+    // job(tid) for tid in [0, n): 0 on the calling thread, the others on workers; returns when all are done.
+    void run(int n, const std::function<void(int)>& job) {
+        std::lock_guard<std::mutex> one_job_at_a_time(running_);
+        job_ = &job;
+        n_active_ = n;
+        pending_.store(int(threads_.size()), std::memory_order_relaxed);
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            generation_.fetch_add(1, std::memory_order_release);
+        }
+        wake_.notify_all();
+        job(0);
+        while (pending_.load(std::memory_order_acquire) != 0) NSLM_PAUSE();
+    }
+
+  private:
+    explicit WorkerPool(int n_threads) : pid_(getpid()) {
+        for (int tid = 1; tid < n_threads; ++tid) threads_.emplace_back([this, tid] { loop(tid); });
+        for (std::thread& t : threads_) t.detach();
+    }
+
+    void loop(int tid) {
+        uint64_t seen = 0;
+        for (;;) {
+            for (int spin = 0; spin < (1 << 16) && generation_.load(std::memory_order_acquire) == seen; ++spin)
+                NSLM_PAUSE();
+            if (generation_.load(std::memory_order_acquire) == seen) {
+                std::unique_lock<std::mutex> lock(mutex_);
+                wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+            }
+            seen = generation_.load(std::memory_order_acquire);
+            if (tid < n_active_) (*job_)(tid);
+            pending_.fetch_sub(1, std::memory_order_acq_rel);
+        }
+    }
+
+    const pid_t pid_;
+    std::vector<std::thread> threads_;
+    std::mutex running_, mutex_;
+    std::condition_variable wake_;
+    std::atomic<uint64_t> generation_{0};
+    std::atomic<int> pending_{0};
+    const std::function<void(int)>* job_ = nullptr;
+    int n_active_ = 0;
+};
+
+// 16 floats: one AVX-512 register, two AVX2 ones, four SSE ones; the compiler lowers it to what the
+// target has (GCC/Clang vector extensions). Loads need not be aligned.
+typedef float vec16 __attribute__((vector_size(64), aligned(4), may_alias));
+constexpr int kLanes = 16;
+
+NSLM_INLINE vec16 load(const float* p) { return *reinterpret_cast<const vec16*>(p); }
+
+// A tree of halvings in registers: a running sum over the lanes would be 16 dependent additions per row.
+NSLM_INLINE float sum_lanes(vec16 v) {
+#if defined(__clang__) || __GNUC__ >= 12
+    typedef float vec8 __attribute__((vector_size(32)));
+    typedef float vec4 __attribute__((vector_size(16)));
+    const vec8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                   __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    const vec4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    return (q[0] + q[2]) + (q[1] + q[3]);
+#else
+    float sum = 0.0f;
+    for (int j = 0; j < kLanes; ++j) sum += v[j];
+    return sum;
+#endif
+}
+
+NSLM_INLINE float dot(const float* a, const float* b, int n) {
+    vec16 acc = {};
+    int i = 0;
+    for (; i + kLanes <= n; i += kLanes) acc += load(a + i) * load(b + i);
+    float sum = sum_lanes(acc);
+    for (; i < n; ++i) sum += a[i] * b[i];
+    return sum;
+}
+
+// Y[b, r] = W[r] . X[b] + bias[r] for four rows r0..r0+3 and S sequences b0..b0+S-1: the 4 x S partial sums
+// stay in registers, each load of w serves S sequences and each load of x four rows.
+template <int S>
+NSLM_INLINE void four_rows(const float* W, const float* bias, const float* X, float* Y, int n_in, int n_out, int r0,
+                      int b0) {
+    const float* w[4];
+    const float* x[S];
+    for (int k = 0; k < 4; ++k) w[k] = W + size_t(r0 + k) * n_in;
+    for (int s = 0; s < S; ++s) x[s] = X + size_t(b0 + s) * n_in;
+    vec16 acc[4][S] = {};
+    int i = 0;
+    for (; i + kLanes <= n_in; i += kLanes) {
+        vec16 xv[S];
+        for (int s = 0; s < S; ++s) xv[s] = load(x[s] + i);
+        for (int k = 0; k < 4; ++k) {
+            const vec16 wv = load(w[k] + i);
+            for (int s = 0; s < S; ++s) acc[k][s] += wv * xv[s];
+        }
+    }
+    for (int k = 0; k < 4; ++k)
+        for (int s = 0; s < S; ++s) {
+            float sum = sum_lanes(acc[k][s]);
+            for (int j = i; j < n_in; ++j) sum += w[k][j] * x[s][j];
+            Y[size_t(b0 + s) * n_out + r0 + k] = bias ? sum + bias[r0 + k] : sum;
+        }
+}
+
+// Y[b, r] = W[r] . X[b] + bias[r] for rows r in [r0, r1) and every b < B. W: (n_out, n_in). A block of four
+// rows stays in L1 while every sequence of the batch uses it, so the weights are read once per step.
+NSLM_VECTOR_CLONES
+void matvec_rows(const float* W, const float* bias, const float* X, float* Y, int B, int n_in, int n_out,
+                 int r0, int r1) {
+    int r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        int b = 0;
+        for (; b + 4 <= B; b += 4) four_rows<4>(W, bias, X, Y, n_in, n_out, r, b);
+        for (; b + 2 <= B; b += 2) four_rows<2>(W, bias, X, Y, n_in, n_out, r, b);
+        for (; b < B; ++b) four_rows<1>(W, bias, X, Y, n_in, n_out, r, b);
+    }
+    for (; r < r1; ++r)
+        for (int b = 0; b < B; ++b) {
+            const float s = dot(W + size_t(r) * n_in, X + size_t(b) * n_in, n_in);
+            Y[size_t(b) * n_out + r] = bias ? s + bias[r] : s;
+        }
+}
+
+// This thread's share of n rows: contiguous, in multiples of 4 so the kernel's row blocks stay whole.
+std::pair<int, int> share(int n, int tid, int n_threads) {
+    const int blocks = (n + 3) / 4;
+    const int begin = std::min(n, 4 * int(int64_t(blocks) * tid / n_threads));
+    const int end = std::min(n, 4 * int(int64_t(blocks) * (tid + 1) / n_threads));
+    return {begin, end};
+}
+
+void norm(const DecoderConfig& c, const float* x, const float* weight, const float* bias, float* out) {
+    const int C = c.n_embd;
+    for (int b = 0; b < c.batch_size; ++b, x += C, out += C) {
+        if (c.rmsnorm) {
+            float sum_sq = 0.0f;
+            for (int i = 0; i < C; ++i) sum_sq += x[i] * x[i];
+            const float inv = 1.0f / std::sqrt(sum_sq / C + c.eps);
+            for (int i = 0; i < C; ++i) out[i] = x[i] * inv * weight[i];
+        } else {
+            float mean = 0.0f, var = 0.0f;
+            for (int i = 0; i < C; ++i) mean += x[i];
+            mean /= C;
+            for (int i = 0; i < C; ++i) var += (x[i] - mean) * (x[i] - mean);
+            const float inv = 1.0f / std::sqrt(var / C + c.eps);
+            for (int i = 0; i < C; ++i) out[i] = (x[i] - mean) * inv * weight[i] + (bias ? bias[i] : 0.0f);
+        }
+    }
+}
+
+// Rotate the pairs (v[i], v[i + hs/2]) by the angles of one position: Hugging Face Llama's half-split layout.
+void rotate(float* v, const float* cos, const float* sin, int half) {
+    for (int i = 0; i < half; ++i) {
+        const float x1 = v[i], x2 = v[i + half];
+        v[i] = x1 * cos[i] - x2 * sin[i];
+        v[i + half] = x2 * cos[i] + x1 * sin[i];
+    }
+}
+
+// One head of one sequence: write its new key and value into the cache at pos, then attend over 0..pos.
+NSLM_VECTOR_CLONES
+void attend(int hs, float* q, const float* k, const float* v, float* k_cache, float* v_cache, int pos,
+            float* scores, float* out) {
+    std::copy(k, k + hs, k_cache + size_t(pos) * hs);
+    std::copy(v, v + hs, v_cache + size_t(pos) * hs);
+    const float scale = 1.0f / std::sqrt(float(hs));
+    float max_score = -INFINITY;
+    for (int t = 0; t <= pos; ++t) {
+        scores[t] = dot(q, k_cache + size_t(t) * hs, hs) * scale;
+        max_score = std::max(max_score, scores[t]);
+    }
+    float total = 0.0f;
+    for (int t = 0; t <= pos; ++t) total += (scores[t] = std::exp(scores[t] - max_score));
+    std::fill(out, out + hs, 0.0f);
+    for (int t = 0; t <= pos; ++t) {
+        const float p = scores[t] / total;
+        const float* vt = v_cache + size_t(t) * hs;
+        int i = 0;
+        for (; i + kLanes <= hs; i += kLanes) *reinterpret_cast<vec16*>(out + i) += p * load(vt + i);
+        for (; i < hs; ++i) out[i] += p * vt[i];
+    }
+}
+
+float gelu_tanh(float x) {
+    const float k = 0.7978845608028654f;  // sqrt(2 / pi)
+    return 0.5f * x * (1.0f + std::tanh(k * (x + 0.044715f * x * x * x)));
+}
+
+float silu(float x) { return x / (1.0f + std::exp(-x)); }
+
+}  // namespace
+
+void decode_step(const DecoderConfig& c, const DecoderWeights& w, const int64_t* tokens, int pos, float* logits,
+                 int n_threads) {
+    const int B = c.batch_size, C = c.n_embd, H = c.hidden, V = c.vocab_size;
+    const int hs = C / c.n_head;
+    const int fc_rows = c.swiglu ? 2 * H : H;
+    // Shared: the outputs of the matrix-vector products, each row written by one thread.
+    std::vector<float> qkv(size_t(B) * 3 * C), heads(size_t(B) * C), attn_out(size_t(B) * C),
+        fc_out(size_t(B) * fc_rows), mlp_out(size_t(B) * C);
+    SpinBarrier barrier(n_threads);
+
+    auto run = [&](int tid) {
+        // Private: the residual stream and the vectors derived from it, identical in every thread.
+        std::vector<float> x(size_t(B) * C), xn(size_t(B) * C), act(size_t(B) * H), scores(pos + 1);
+        for (int b = 0; b < B; ++b)
+            for (int i = 0; i < C; ++i)
+                x[size_t(b) * C + i] = w.wte[tokens[b] * C + i] + (w.wpe ? w.wpe[size_t(pos) * C + i] : 0.0f);
+        for (const DecoderLayer& L : w.layers) {
+            norm(c, x.data(), L.ln_1_weight, L.ln_1_bias, xn.data());
+            auto [q0, q1] = share(3 * C, tid, n_threads);
+            matvec_rows(L.attn_weight, L.attn_bias, xn.data(), qkv.data(), B, C, 3 * C, q0, q1);
+            barrier.wait();
+            for (int task = tid; task < B * c.n_head; task += n_threads) {
+                const int b = task / c.n_head, h = task % c.n_head;
+                float* q = qkv.data() + size_t(b) * 3 * C + h * hs;  // this task's slice only
+                float* k = q + C;
+                if (c.rope) {
+                    const float* cos = w.rope_cos + size_t(pos) * (hs / 2);
+                    const float* sin = w.rope_sin + size_t(pos) * (hs / 2);
+                    rotate(q, cos, sin, hs / 2);
+                    rotate(k, cos, sin, hs / 2);
+                }
+                const size_t cache_offset = size_t(task) * c.block_size * hs;  // (b, h) of (B, nh, block, hs)
+                attend(hs, q, k, q + 2 * C, L.k_cache + cache_offset, L.v_cache + cache_offset, pos, scores.data(),
+                       heads.data() + size_t(b) * C + h * hs);
+            }
+            barrier.wait();
+            auto [p0, p1] = share(C, tid, n_threads);
+            matvec_rows(L.attn_proj_weight, L.attn_proj_bias, heads.data(), attn_out.data(), B, C, C, p0, p1);
+            barrier.wait();
+            for (size_t i = 0; i < x.size(); ++i) x[i] += attn_out[i];
+            norm(c, x.data(), L.ln_2_weight, L.ln_2_bias, xn.data());
+            auto [f0, f1] = share(fc_rows, tid, n_threads);
+            matvec_rows(L.fc_weight, L.fc_bias, xn.data(), fc_out.data(), B, C, fc_rows, f0, f1);
+            barrier.wait();
+            for (int b = 0; b < B; ++b) {
+                const float* h = fc_out.data() + size_t(b) * fc_rows;
+                float* a = act.data() + size_t(b) * H;
+                for (int i = 0; i < H; ++i) a[i] = c.swiglu ? silu(h[i]) * h[H + i] : gelu_tanh(h[i]);
+            }
+            matvec_rows(L.mlp_proj_weight, L.mlp_proj_bias, act.data(), mlp_out.data(), B, H, C, p0, p1);
+            barrier.wait();
+            for (size_t i = 0; i < x.size(); ++i) x[i] += mlp_out[i];
+        }
+        norm(c, x.data(), w.ln_f_weight, w.ln_f_bias, xn.data());
+        auto [v0, v1] = share(V, tid, n_threads);
+        matvec_rows(w.lm_head, nullptr, xn.data(), logits, B, C, V, v0, v1);
+    };
+
+    if (n_threads == 1) run(0);
+    else WorkerPool::get(n_threads).run(n_threads, run);
+}
+
+}  // namespace nanoslm

@@ -1,0 +1,44 @@
+// One decoding step of model.py's GPT on the CPU, in one call: B sequences each take one new token, against
+// the key/value caches that the PyTorch prefill filled. fp32, the same math as GPT.hidden_states + lm_head,
+// with none of the per-operation overhead that dominates a small model's step in eager PyTorch.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace nanoslm {
+
+struct DecoderConfig {
+    int n_layer, n_head, n_embd, hidden, vocab_size, block_size, batch_size;
+    bool rmsnorm;  // RMSNorm, else LayerNorm
+    bool swiglu;   // SwiGLU MLP (c_fc gives the gate rows then the up rows), else GELU (tanh)
+    bool rope;     // rotary positions, else a learned position table
+    float eps;
+};
+
+// Pointers into the model's own tensors (row-major, as PyTorch holds them); a null bias means none.
+struct DecoderLayer {
+    const float *ln_1_weight, *ln_1_bias;
+    const float *attn_weight, *attn_bias;            // (3C, C): q, k, v
+    const float *attn_proj_weight, *attn_proj_bias;  // (C, C)
+    const float *ln_2_weight, *ln_2_bias;
+    const float *fc_weight, *fc_bias;                // (H, C), or (2H, C) for SwiGLU
+    const float *mlp_proj_weight, *mlp_proj_bias;    // (C, H)
+    float *k_cache, *v_cache;                        // (B, n_head, block_size, head_size)
+};
+
+struct DecoderWeights {
+    const float* wte;                          // (V, C)
+    const float* wpe;                          // (block_size, C), or null with rope
+    const float *rope_cos, *rope_sin;          // (block_size, head_size / 2), or null without rope
+    std::vector<DecoderLayer> layers;
+    const float *ln_f_weight, *ln_f_bias;
+    const float* lm_head;                      // (V, C), may be wte itself
+};
+
+// tokens: (B,) the new tokens, at position pos (the caches hold positions 0..pos-1 and get pos written).
+// logits: (B, V) out. The work is split over n_threads threads (the caller's included).
+void decode_step(const DecoderConfig& config, const DecoderWeights& weights, const int64_t* tokens, int pos,
+                 float* logits, int n_threads);
+
+}  // namespace nanoslm
