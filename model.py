@@ -141,6 +141,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, x, weight, targets, ignore_index, want_grad):  # x: (N, C), weight: (V, C), targets: (N,)
         N, V = x.size(0), weight.size(0)
         rows = min(N, max(512, ChunkedLinearCrossEntropy.chunk_elements // V))
+        block_rows = max(1, (1 << 18) // V)
         counted = targets != ignore_index
         n_counted = counted.sum()
         acc_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 sums for fp16/bf16 inputs
@@ -155,12 +156,21 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             xc, keep = x[start:end], counted[start:end]
             target = torch.where(keep, targets[start:end], 0)[:, None]
             lc = torch.mm(xc, weight.t(), out=logits[:end - start]).to(acc_dtype)  # no copy in fp32
-            lse = torch.logsumexp(lc, dim=1)
-            total += ((lse - lc.gather(1, target).squeeze(1)) * keep).sum()
+            target_logit = lc.gather(1, target).squeeze(1)
+            lse = torch.empty(end - start, dtype=acc_dtype, device=x.device)
+            row_scale = keep * grad_scale  # counted rows: 1 / the count of counted targets; others 0
+            # logsumexp and softmax in place, one exp per logit, over ~1 MB of rows at a time so that the
+            # passes over them stay in the core's cache; no temporary the size of the chunk
+            for r in range(0, end - start, block_rows):
+                block = lc[r:r + block_rows]
+                row_max = block.amax(dim=1, keepdim=True)
+                sum_exp = block.sub_(row_max).exp_().sum(dim=1)
+                lse[r:r + block_rows] = row_max.squeeze(1) + sum_exp.log()
+                if want_grad:
+                    block.mul_((row_scale[r:r + block_rows] / sum_exp)[:, None])  # softmax, scaled
+            total += ((lse - target_logit) * keep).sum()
             if want_grad:
-                lc.sub_(lse[:, None]).exp_()  # softmax
-                lc.scatter_add_(1, target, -keep[:, None].to(lc.dtype))  # minus one-hot
-                lc.mul_(keep[:, None] * grad_scale)
+                lc.scatter_add_(1, target, -row_scale[:, None].to(lc.dtype))  # minus one-hot
                 g = lc.to(x.dtype)
                 torch.mm(g, weight, out=dx[start:end])
                 dw.addmm_(g.t(), xc)

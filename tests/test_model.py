@@ -230,3 +230,30 @@ def test_native_decoder_rejects_bad_input():
             _nanoslm.Decoder(dict(n_layer=0, n_head=2, n_embd=32, hidden=128, vocab_size=101, block_size=16,
                                   batch_size=1, rmsnorm=False, swiglu=False, rope=False, eps=1e-5),
                              dict(wte=model.transformer.wte.weight.detach().numpy()), [], 1)
+
+
+# --- the chunked projection + cross-entropy of the CPU (ChunkedLinearCrossEntropy) -------------------------
+
+@pytest.mark.parametrize("n_ignored", [0, 7, 40])
+@pytest.mark.parametrize("chunk_elements", [1 << 25, 600 * 37])  # one chunk; several, the last one short
+def test_chunked_loss_equals_cross_entropy(monkeypatch, n_ignored, chunk_elements):
+    from model import ChunkedLinearCrossEntropy, lm_head_loss, plain_lm_head_loss
+    monkeypatch.setattr(ChunkedLinearCrossEntropy, "chunk_elements", chunk_elements)
+    torch.manual_seed(0)
+    N, C, V = 1300, 24, 37  # 1300 rows: chunks of 600, 600 and 100 when chunked
+    x = torch.randn(N, C, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, C, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, V, (N,))
+    targets[torch.randperm(N)[:n_ignored * N // 40]] = -100  # 40: every target ignored
+    losses, grads = [], []
+    for loss_fn in (lm_head_loss, plain_lm_head_loss):
+        loss = loss_fn(x, w, targets)
+        losses.append(loss)
+        if n_ignored < 40:
+            grads.append(torch.autograd.grad(3.0 * loss, (x, w)))
+    if n_ignored == 40:
+        assert losses[0].isnan() and losses[1].isnan()  # as F.cross_entropy: 0 / 0
+        return
+    torch.testing.assert_close(losses[0], losses[1])
+    for ours, reference in zip(*grads):
+        torch.testing.assert_close(ours, reference)
