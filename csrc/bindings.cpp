@@ -103,7 +103,8 @@ void gather_checked(py::array data, py::array_t<int64_t> offsets, int64_t block_
 class PyDecoder {
   public:
     PyDecoder(const py::dict& config, const py::dict& weights, const py::list& layers, int n_threads)
-        : n_threads_(std::max(1, n_threads)) {
+        // more threads than the machine runs at once would leave spinning threads waiting on descheduled ones
+        : n_threads_(std::clamp(n_threads, 1, std::max(1, int(std::thread::hardware_concurrency())))) {
         auto get = [&](const char* key) { return config[key].cast<int>(); };
         c_ = DecoderConfig{get("n_layer"), get("n_head"), get("n_embd"), get("hidden"), get("vocab_size"),
                            get("block_size"), get("batch_size"), config["rmsnorm"].cast<bool>(),

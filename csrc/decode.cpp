@@ -6,15 +6,22 @@
 // activations) are done by every thread on its own copy, which costs less than another barrier.
 #include "decode.h"
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
+#include <cstring>
 #include <functional>
 #include <mutex>
 #include <thread>
+
+#ifdef _WIN32
+#include <process.h>
+#define NSLM_GETPID() _getpid()
+#else
+#include <unistd.h>
+#define NSLM_GETPID() getpid()
+#endif
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -31,7 +38,13 @@
 #define NSLM_VECTOR_CLONES
 #endif
 // Inlined into each clone, so compiled for its instruction set.
+#if defined(__GNUC__) || defined(__clang__)
 #define NSLM_INLINE inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define NSLM_INLINE __forceinline
+#else
+#define NSLM_INLINE inline
+#endif
 
 namespace nanoslm {
 namespace {
@@ -67,7 +80,7 @@ class WorkerPool {
         static std::mutex creation;
         static WorkerPool* pool = nullptr;
         std::lock_guard<std::mutex> lock(creation);
-        if (!pool || pool->pid_ != getpid() || pool->size() < n_threads) pool = new WorkerPool(n_threads);
+        if (!pool || pool->pid_ != NSLM_GETPID() || pool->size() < n_threads) pool = new WorkerPool(n_threads);
         return *pool;
     }
 
@@ -89,7 +102,7 @@ class WorkerPool {
     }
 
   private:
-    explicit WorkerPool(int n_threads) : pid_(getpid()) {
+    explicit WorkerPool(int n_threads) : pid_(NSLM_GETPID()) {
         for (int tid = 1; tid < n_threads; ++tid) threads_.emplace_back([this, tid] { loop(tid); });
         for (std::thread& t : threads_) t.detach();
     }
@@ -109,7 +122,7 @@ class WorkerPool {
         }
     }
 
-    const pid_t pid_;
+    const int pid_;
     std::vector<std::thread> threads_;
     std::mutex running_, mutex_;
     std::condition_variable wake_;
@@ -120,15 +133,41 @@ class WorkerPool {
 };
 
 // 16 floats: one AVX-512 register, two AVX2 ones, four SSE ones; the compiler lowers it to what the
-// target has (GCC/Clang vector extensions). Loads need not be aligned.
-typedef float vec16 __attribute__((vector_size(64), aligned(4), may_alias));
+// target has (GCC/Clang vector extensions). Loads and stores need not be aligned.
 constexpr int kLanes = 16;
-
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(NSLM_PORTABLE_VECTORS)
+typedef float vec16 __attribute__((vector_size(64), aligned(4), may_alias));
 NSLM_INLINE vec16 load(const float* p) { return *reinterpret_cast<const vec16*>(p); }
+NSLM_INLINE void store(float* p, vec16 v) { *reinterpret_cast<vec16*>(p) = v; }
+#else  // other compilers: the same operations on a plain array, which they may vectorize
+struct vec16 {
+    float lane[kLanes];
+    float operator[](int j) const { return lane[j]; }
+    vec16& operator+=(const vec16& o) {
+        for (int j = 0; j < kLanes; ++j) lane[j] += o.lane[j];
+        return *this;
+    }
+};
+NSLM_INLINE vec16 operator+(vec16 a, const vec16& b) { return a += b; }
+NSLM_INLINE vec16 operator*(vec16 a, const vec16& b) {
+    for (int j = 0; j < kLanes; ++j) a.lane[j] *= b.lane[j];
+    return a;
+}
+NSLM_INLINE vec16 operator*(float s, vec16 a) {
+    for (int j = 0; j < kLanes; ++j) a.lane[j] *= s;
+    return a;
+}
+NSLM_INLINE vec16 load(const float* p) {
+    vec16 v;
+    std::memcpy(v.lane, p, sizeof v.lane);
+    return v;
+}
+NSLM_INLINE void store(float* p, const vec16& v) { std::memcpy(p, v.lane, sizeof v.lane); }
+#endif
 
 // A tree of halvings in registers: a running sum over the lanes would be 16 dependent additions per row.
 NSLM_INLINE float sum_lanes(vec16 v) {
-#if defined(__clang__) || __GNUC__ >= 12
+#if (defined(__clang__) || __GNUC__ >= 12) && !defined(NSLM_PORTABLE_VECTORS)
     typedef float vec8 __attribute__((vector_size(32)));
     typedef float vec4 __attribute__((vector_size(16)));
     const vec8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
@@ -252,7 +291,7 @@ void attend(int hs, float* q, const float* k, const float* v, float* k_cache, fl
         const float p = scores[t] / total;
         const float* vt = v_cache + size_t(t) * hs;
         int i = 0;
-        for (; i + kLanes <= hs; i += kLanes) *reinterpret_cast<vec16*>(out + i) += p * load(vt + i);
+        for (; i + kLanes <= hs; i += kLanes) store(out + i, load(out + i) + p * load(vt + i));
         for (; i < hs; ++i) out[i] += p * vt[i];
     }
 }
