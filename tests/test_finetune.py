@@ -5,8 +5,10 @@ base model is refused)."""
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -393,3 +395,32 @@ def test_full_finetune_and_clear_errors(base_run, tmp_path):
                f"--out_dir={tmp_path / 'x'}", check=False)
     assert proc.returncode != 0 and "bad.jsonl:2: the conversation ends with a user message" in proc.stderr
     assert "Traceback" not in proc.stderr + again.stderr + merge_full.stderr
+
+
+def test_interrupted_finetune_resumes_to_identical_adapter(base_run, tmp_path):
+    data = [f"--base_dir={base_run / 'base'}", f"--data={base_run / 'instruct' / 'train.jsonl'}",
+            f"--val_data={base_run / 'instruct' / 'val.jsonl'}"]
+    common = [*FINETUNE, *data, "--max_iters=16", "--lr_decay_iters=16", "--eval_interval=8", "--log_interval=1",
+              "--eval_instructions=0", "--lora_r=4", "--lora_dropout=0.1"]  # dropout: the RNG must resume too
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    run("finetune.py", *common, f"--out_dir={straight}")
+    # stop the second run part-way with SIGINT, as Ctrl-C would; it saves last/ and exits
+    proc = subprocess.Popen([sys.executable, "finetune.py", *common, f"--out_dir={broken}", "--max_iters=100000"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        log = broken / "log.jsonl"
+        if log.exists() and sum(1 for line in open(log) if '"loss"' in line) >= 3:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert "stopped at iteration" in stdout, stdout + stderr
+    stopped_at = torch.load(broken / "last" / "state.pt", weights_only=True)["iter_num"]
+    assert 3 <= stopped_at < 16
+    resumed = run("finetune.py", *common, f"--out_dir={broken}", "--init_from=resume")
+    assert f"resuming from {broken / 'last'} at iteration {stopped_at}" in resumed.stdout
+    a, b = load_file(str(straight / "last" / "adapter.safetensors")), load_file(str(broken / "last" / "adapter.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
