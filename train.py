@@ -290,6 +290,35 @@ def plot_loss_curve(out_dir):
 
 # --- training -------------------------------------------------------------------------------------------
 
+def compile_or_eager(model, x, y, autocast):
+    """torch.compile(model), tried at once on one batch, forward and backward (compiling happens at the first
+    call); where it cannot run here (no C++ compiler, an unsupported platform), the model itself, with one
+    warning. The trial leaves no gradients behind and consumes no random numbers."""
+    dynamo = importlib.import_module("torch._dynamo")
+    dynamo.config.suppress_errors = False  # the trial's errors come here, not to dynamo's own log
+    compiled = torch.compile(model)
+    rng_cpu = torch.get_rng_state()
+    rng_cuda = torch.cuda.get_rng_state() if x.is_cuda else None
+    try:
+        with autocast:
+            _, loss = compiled(x, y)
+        loss.backward()
+    except Exception as e:  # compilers fail in many ways, with errors of many types
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"warning: torch.compile cannot run here ({type(e).__name__}: {reason}); training without it",
+              file=sys.stderr)
+        dynamo.reset()
+        compiled = model
+    else:
+        dynamo.config.suppress_errors = True  # a graph that fails later runs eagerly instead of ending the run
+    finally:
+        model.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng_cpu)
+        if rng_cuda is not None:
+            torch.cuda.set_rng_state(rng_cuda)
+    return compiled
+
+
 def main():
     ddp, rank, local_rank, world_size = setup_distributed()
     master = rank == 0
@@ -342,15 +371,14 @@ def main():
               f"{model.num_params(False) / 1e6:.2f}M in all; {dev}, {dtype_name}, {world_size} process(es)")
 
     raw_model = model
+    autocast = (torch.autocast(device_type=device_type, dtype=getattr(torch, dtype_name))
+                if dtype_name != "float32" else nullcontext())
     if compile:
-        dynamo = importlib.import_module("torch._dynamo")
-        dynamo.config.suppress_errors = True  # where compiling fails, run eagerly with a warning
-        model = torch.compile(model)
+        x, y = dataset.get_batch("train", batch_size, block_size, torch.Generator().manual_seed(seed), dev)
+        model = compile_or_eager(model, x, y, autocast)
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    autocast = (torch.autocast(device_type=device_type, dtype=getattr(torch, dtype_name))
-                if dtype_name != "float32" else nullcontext())
     scaler = torch.amp.GradScaler(device_type, enabled=dtype_name == "float16")
     tokens_per_step = batch_size * block_size * gradient_accumulation_steps
     flops_per_step = raw_model.flops_per_token(block_size) * tokens_per_step

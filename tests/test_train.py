@@ -18,9 +18,9 @@ TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_siz
         "--eval_iters=2", "--log_interval=1", "--warmup_iters=5", "--num_threads=1"]
 
 
-def run(script, *args, check=True, timeout=240):
+def run(script, *args, check=True, timeout=240, env=None):
     proc = subprocess.run([PY, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=None if env is None else dict(os.environ, **env))
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -163,3 +163,19 @@ def test_diverging_loss_stops_with_the_iteration(data_dirs, tmp_path):
 def test_unknown_setting_is_a_clear_error(data_dirs, tmp_path):
     proc = run("train.py", "--learning_rat=0.1", check=False)
     assert proc.returncode != 0 and "did you mean learning_rate" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_compile_without_a_compiler_trains_eagerly_with_one_warning(data_dirs, tmp_path):
+    common = [*TINY, f"--data_dir={data_dirs[0]}", "--max_iters=4", "--eval_interval=4", "--dropout=0.1"]
+    eager = run("train.py", *common, f"--out_dir={tmp_path / 'eager'}")
+    # torch.compile's CPU backend needs a C++ compiler: name one that does not exist
+    fallback = run("train.py", *common, "--compile=True", f"--out_dir={tmp_path / 'fallback'}",
+                   env={"CXX": str(tmp_path / "no-such-compiler")})
+    warnings = [line for line in fallback.stderr.splitlines() if "warning" in line.lower()]
+    assert len(warnings) == 1 and "torch.compile cannot run here" in warnings[0], fallback.stderr
+    assert "Traceback" not in fallback.stderr
+    # the trial of the compiled model left no trace: the run is the eager one, number for number
+    def losses(run_dir):
+        return [(r["iter"], r.get("loss"), r.get("train_loss"), r.get("val_loss")) for r in log_records(run_dir)]
+    assert losses(tmp_path / "fallback") == losses(tmp_path / "eager") and len(losses(tmp_path / "eager")) == 6
+    assert "warning" not in eager.stderr.lower()
