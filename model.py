@@ -406,11 +406,16 @@ class GPT(nn.Module):
         """The decoding step in C++ (csrc/decode.cpp): the whole model for one new token per sequence in one
         call, without eager PyTorch's per-operation overhead, over this model's weights and these caches.
         Returns step(tokens (B,), pos) -> logits (B, V), a buffer reused by the next call; or None where it
-        does not apply: it needs the built extension, an fp32 model on the CPU in eval mode, and one sequence."""
+        does not apply: it needs the built extension, an fp32 model of plain layers on the CPU in eval mode,
+        and one sequence."""
         p = self.lm_head.weight
         batch = caches[0].k.size(0)
         if _nanoslm is None or p.device.type != "cpu" or p.dtype != torch.float32 or self.training or batch != 1:
             return None  # beyond one sequence, PyTorch's matrix-matrix products (MKL) are the faster ones
+        linears = [m for block in self.transformer.h for m in (block.attn.c_attn, block.attn.c_proj,
+                                                                block.mlp.c_fc, block.mlp.c_proj)]
+        if any(type(m) is not nn.Linear for m in linears):
+            return None  # wrapped layers (finetune.py's LoRA adapters) compute more than their weight
         c = self.config
 
         def array(t):

@@ -202,10 +202,14 @@ def test_lora_at_init_equals_base_and_merged_equals_unmerged(style):
         wte[101:] += 0.5
     adapted, _ = model(idx)
     assert not torch.allclose(adapted[..., :101], base_logits, atol=1e-3)
+    with torch.inference_mode():  # the C++ decoding step knows plain layers only: it stands aside for adapters
+        assert model.native_decoder(model.new_caches(1)) is None
+    adapted_tokens = model.generate(idx[:1], 12, temperature=0)
     ft.merge_lora(model)
     assert not any(isinstance(m, ft.LoRALinear) for m in model.modules())
     merged, _ = model(idx)
     torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.generate(idx[:1], 12, temperature=0), adapted_tokens)  # merged: the C++ step
     assert set(model.state_dict()) == set(tiny(vocab_size=103, **style).state_dict())  # a plain GPT again
 
 
