@@ -66,6 +66,10 @@ def test_loss_falls_and_outputs_are_written(data_dirs, tmp_path):
     for name in ("loss.png", "tokenizer.tiktoken", "best/model.safetensors", "last/state.pt", "last/config.json"):
         assert os.path.isfile(os.path.join(out, name)), name
     assert "tok/s" in proc.stdout
+    umask = os.umask(0)
+    os.umask(umask)
+    for kind in ("best", "last"):  # checkpoint directories get mkdir's permissions, not mkdtemp's 0700
+        assert os.stat(os.path.join(out, kind)).st_mode & 0o777 == 0o777 & ~umask
     # the state file loads without pickle
     state = torch.load(os.path.join(out, "last", "state.pt"), weights_only=True)
     assert state["iter_num"] == 60
