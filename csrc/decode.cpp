@@ -45,6 +45,11 @@
 #else
 #define NSLM_INLINE inline
 #endif
+#if defined(__GNUC__) || defined(__clang__)
+#define NSLM_UNROLL _Pragma("GCC unroll 4")
+#else
+#define NSLM_UNROLL
+#endif
 
 namespace nanoslm {
 namespace {
@@ -209,12 +214,18 @@ NSLM_INLINE void four_rows(const float* W, const float* bias, const float* X, fl
             for (int s = 0; s < S; ++s) acc[k][s] += wv * xv[s];
         }
     }
+    float sum[4][S];  // the reductions stay in registers only when these loops are unrolled
+    NSLM_UNROLL
+    for (int k = 0; k < 4; ++k) {
+        NSLM_UNROLL
+        for (int s = 0; s < S; ++s) sum[k][s] = sum_lanes(acc[k][s]);
+    }
+    for (; i < n_in; ++i)  // the tail, when n_in is not a multiple of 16
+        for (int k = 0; k < 4; ++k)
+            for (int s = 0; s < S; ++s) sum[k][s] += w[k][i] * x[s][i];
     for (int k = 0; k < 4; ++k)
-        for (int s = 0; s < S; ++s) {
-            float sum = sum_lanes(acc[k][s]);
-            for (int j = i; j < n_in; ++j) sum += w[k][j] * x[s][j];
-            Y[size_t(b0 + s) * n_out + r0 + k] = bias ? sum + bias[r0 + k] : sum;
-        }
+        for (int s = 0; s < S; ++s)
+            Y[size_t(b0 + s) * n_out + r0 + k] = bias ? sum[k][s] + bias[r0 + k] : sum[k][s];
 }
 
 // Y[b, r] = W[r] . X[b] + bias[r] for rows r in [r0, r1) and every b < B. W: (n_out, n_in). A block of four
