@@ -213,6 +213,11 @@ def main():
         model, tok, _ = load_lora_checkpoint(adapter, dev, base_dir=out_dir, base_which=checkpoint)
     else:
         model, tok, _ = load_for_inference(out_dir, checkpoint, dev)
+    if any(".lora_" in name for name, _ in model.named_parameters()):
+        # fold the LoRA adapters into the weights: the same model up to float rounding, one matrix product per
+        # layer instead of three, and the C++ decoding step applies
+        from finetune import merge_lora
+        merge_lora(model)
     prompt = read_prompt(start)
     ids = chat_messages(tok, [{"role": "user", "content": prompt}]) if chat and prompt else prompt_ids(tok, prompt)
     if show_probs:
