@@ -32,7 +32,7 @@
 
 // The matrix-vector kernel is compiled for AVX-512, AVX2 and the baseline; the loader picks the best
 // the CPU has (GCC function multi-versioning), so one wheel is fast everywhere.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)  // needs ifunc
 #define NSLM_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define NSLM_VECTOR_CLONES
