@@ -408,10 +408,11 @@ class GPT(nn.Module):
         Returns step(tokens (B,), pos) -> logits (B, V), a buffer reused by the next call; or None where it
         does not apply: it needs the built extension, an fp32 model of plain layers on the CPU in eval mode,
         and one sequence."""
-        p = self.lm_head.weight
-        batch = caches[0].k.size(0)
-        if _nanoslm is None or p.device.type != "cpu" or p.dtype != torch.float32 or self.training or batch != 1:
-            return None  # beyond one sequence, PyTorch's matrix-matrix products (MKL) are as fast (measured)
+        if _nanoslm is None or self.training or not caches or caches[0].k.size(0) != 1:
+            return None  # (beyond one sequence, PyTorch's matrix-matrix products are as fast: measured)
+        tensors = list(self.parameters()) + [t for cache in caches for t in (cache.k, cache.v)]
+        if any(t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+            return None
         linears = [m for block in self.transformer.h for m in (block.attn.c_attn, block.attn.c_proj,
                                                                 block.mlp.c_fc, block.mlp.c_proj)]
         if any(type(m) is not nn.Linear for m in linears):
@@ -432,7 +433,7 @@ class GPT(nn.Module):
                         k_cache=array(cache.k), v_cache=array(cache.v))
 
         config = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, hidden=c.mlp_hidden,
-                      vocab_size=c.vocab_size, block_size=c.block_size, batch_size=batch,
+                      vocab_size=c.vocab_size, block_size=c.block_size, batch_size=1,
                       rmsnorm=c.norm == "rmsnorm", swiglu=c.mlp == "swiglu", rope=c.pos == "rope", eps=1e-5)
         weights = dict(wte=array(self.transformer.wte.weight), lm_head=array(self.lm_head.weight),
                        ln_f_weight=array(self.transformer.ln_f.weight), ln_f_bias=array(self.transformer.ln_f.bias))
@@ -441,8 +442,9 @@ class GPT(nn.Module):
         else:
             weights.update(wpe=array(self.transformer.wpe.weight))
         layers = [layer(block, cache) for block, cache in zip(self.transformer.h, caches)]
-        decoder = _nanoslm.Decoder(config, weights, layers, torch.get_num_threads())
-        logits = torch.empty(batch, c.vocab_size)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        decoder = _nanoslm.Decoder(config, weights, layers, min(torch.get_num_threads(), cores))
+        logits = torch.empty(1, c.vocab_size)
 
         def step(tokens, pos: int):
             decoder.step(tokens.contiguous().numpy(), pos, logits.numpy())

@@ -109,6 +109,12 @@ class PyDecoder {
         c_ = DecoderConfig{get("n_layer"), get("n_head"), get("n_embd"), get("hidden"), get("vocab_size"),
                            get("block_size"), get("batch_size"), config["rmsnorm"].cast<bool>(),
                            config["swiglu"].cast<bool>(), config["rope"].cast<bool>(), config["eps"].cast<float>()};
+        if (c_.n_layer < 0 || c_.n_head < 1 || c_.n_embd < 1 || c_.n_embd % c_.n_head || c_.hidden < 1 ||
+            c_.vocab_size < 1 || c_.block_size < 1 || c_.batch_size < 1)
+            throw std::invalid_argument("the decoder's config has a size that is not positive, or n_embd is not a "
+                                        "multiple of n_head");
+        if (c_.rope && (c_.n_embd / c_.n_head) % 2)
+            throw std::invalid_argument("rotary positions need an even head size");
         const int C = c_.n_embd, V = c_.vocab_size, H = c_.hidden, T = c_.block_size, hs = C / c_.n_head;
         if (c_.n_layer != int(layers.size())) throw std::invalid_argument("n_layer does not match the layers given");
         w_.wte = input(weights, "wte", {V, C});

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <functional>
 #include <mutex>
+#include <system_error>
 #include <thread>
 
 #ifdef _WIN32
@@ -54,6 +55,19 @@
 namespace nanoslm {
 namespace {
 
+// Waiting for another thread: spin first (the wait is usually microseconds), then yield the core, so that
+// with more threads than free cores the thread waited for gets to run.
+class Backoff {
+  public:
+    void pause() {
+        if (++spins_ < (1 << 8)) NSLM_PAUSE();
+        else std::this_thread::yield();
+    }
+
+  private:
+    int spins_ = 0;
+};
+
 // All threads are busy until the step ends, so they spin at the barrier instead of sleeping.
 class SpinBarrier {
   public:
@@ -65,7 +79,8 @@ class SpinBarrier {
             arrived_.store(0, std::memory_order_relaxed);
             generation_.fetch_add(1, std::memory_order_release);
         } else {
-            while (generation_.load(std::memory_order_acquire) == generation) NSLM_PAUSE();
+            Backoff backoff;
+            while (generation_.load(std::memory_order_acquire) == generation) backoff.pause();
         }
     }
 
@@ -85,31 +100,42 @@ class WorkerPool {
         static std::mutex creation;
         static WorkerPool* pool = nullptr;
         std::lock_guard<std::mutex> lock(creation);
-        if (!pool || pool->pid_ != NSLM_GETPID() || pool->size() < n_threads) pool = new WorkerPool(n_threads);
+        if (!pool || pool->pid_ != NSLM_GETPID() || pool->size() < n_threads) {
+            pool = new WorkerPool();
+            // started one by one once the pool is whole; a thread that cannot start leaves a smaller pool
+            try {
+                while (pool->size() < n_threads) pool->add_worker();
+            } catch (const std::system_error&) {
+            }
+        }
         return *pool;
     }
 
-    int size() const { return int(threads_.size()) + 1; }
+    int size() const { return n_workers_ + 1; }
 
     // job(tid) for tid in [0, n): 0 on the calling thread, the others on workers; returns when all are done.
     void run(int n, const std::function<void(int)>& job) {
         std::lock_guard<std::mutex> one_job_at_a_time(running_);
         job_ = &job;
         n_active_ = n;
-        pending_.store(int(threads_.size()), std::memory_order_relaxed);
+        pending_.store(n_workers_, std::memory_order_relaxed);
         {
             std::lock_guard<std::mutex> lock(mutex_);
             generation_.fetch_add(1, std::memory_order_release);
         }
         wake_.notify_all();
         job(0);
-        while (pending_.load(std::memory_order_acquire) != 0) NSLM_PAUSE();
+        Backoff backoff;
+        while (pending_.load(std::memory_order_acquire) != 0) backoff.pause();
     }
 
   private:
-    explicit WorkerPool(int n_threads) : pid_(NSLM_GETPID()) {
-        for (int tid = 1; tid < n_threads; ++tid) threads_.emplace_back([this, tid] { loop(tid); });
-        for (std::thread& t : threads_) t.detach();
+    WorkerPool() : pid_(NSLM_GETPID()) {}
+
+    void add_worker() {
+        const int tid = n_workers_ + 1;
+        std::thread([this, tid] { loop(tid); }).detach();
+        ++n_workers_;
     }
 
     void loop(int tid) {
@@ -128,7 +154,7 @@ class WorkerPool {
     }
 
     const int pid_;
-    std::vector<std::thread> threads_;
+    int n_workers_ = 0;
     std::mutex running_, mutex_;
     std::condition_variable wake_;
     std::atomic<uint64_t> generation_{0};
@@ -324,6 +350,8 @@ void decode_step(const DecoderConfig& c, const DecoderWeights& w, const int64_t*
     // Shared: the outputs of the matrix-vector products, each row written by one thread.
     std::vector<float> qkv(size_t(B) * 3 * C), heads(size_t(B) * C), attn_out(size_t(B) * C),
         fc_out(size_t(B) * fc_rows), mlp_out(size_t(B) * C);
+    WorkerPool* pool = n_threads > 1 ? &WorkerPool::get(n_threads) : nullptr;
+    if (pool) n_threads = std::min(n_threads, pool->size());
     SpinBarrier barrier(n_threads);
 
     auto run = [&](int tid) {
@@ -375,7 +403,7 @@ void decode_step(const DecoderConfig& c, const DecoderWeights& w, const int64_t*
     };
 
     if (n_threads == 1) run(0);
-    else WorkerPool::get(n_threads).run(n_threads, run);
+    else pool->run(n_threads, run);
 }
 
 }  // namespace nanoslm

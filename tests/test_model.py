@@ -213,6 +213,11 @@ def test_native_decoder_applies_only_where_it_is_exact():
         assert model.native_decoder(model.new_caches(1)) is None  # dropout is PyTorch's
         model.eval().double()
         assert model.native_decoder(model.new_caches(1)) is None  # fp32 only
+        model.float()
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().t().contiguous().t())
+        assert model.native_decoder(model.new_caches(1)) is None  # contiguous tensors only
+    no_layers = tiny(n_layer=0)  # nothing for the C++ step to hold on to: PyTorch generates
+    assert no_layers.generate(torch.tensor([[1, 2]]), 3, temperature=0).shape == (1, 5)
 
 
 def test_native_decoder_rejects_bad_input():
@@ -226,6 +231,12 @@ def test_native_decoder_rejects_bad_input():
         with pytest.raises(IndexError, match="block_size"):
             step(torch.tensor([1]), 16)
         import _nanoslm
+        config = dict(n_layer=0, n_head=0, n_embd=32, hidden=128, vocab_size=101, block_size=16, batch_size=1,
+                      rmsnorm=False, swiglu=False, rope=False, eps=1e-5)
+        with pytest.raises(ValueError, match="multiple of n_head"):  # not a division by zero
+            _nanoslm.Decoder(config, {}, [], 1)
+        with pytest.raises(ValueError, match="even head size"):
+            _nanoslm.Decoder(dict(config, n_head=32, rope=True), {}, [], 1)
         with pytest.raises(ValueError, match="missing wpe"):  # an incomplete model: a clear error, no crash
             _nanoslm.Decoder(dict(n_layer=0, n_head=2, n_embd=32, hidden=128, vocab_size=101, block_size=16,
                                   batch_size=1, rmsnorm=False, swiglu=False, rope=False, eps=1e-5),
