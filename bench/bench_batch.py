@@ -23,20 +23,15 @@ import torch  # noqa: E402
 
 import prepare  # noqa: E402
 from data import TokenDataset  # noqa: E402
+from machine import cpu_name  # noqa: E402
+from tokenizer import default_num_threads  # noqa: E402
 
 SHAPES = [(32, 256), (64, 512), (256, 1024)]  # (batch_size, block_size)
 
 
 def machine() -> str:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{cpu}, {cores} cores | Python {platform.python_version()}, torch {torch.__version__}, "
-            f"numpy {np.__version__}, torch threads {torch.get_num_threads()}")
+    return (f"{cpu_name()}, {default_num_threads()} cores | Python {platform.python_version()}, "
+            f"torch {torch.__version__}, numpy {np.__version__}, torch threads {torch.get_num_threads()}")
 
 
 def per_batch_us(get_batch, split, B, T, repeat, seed=0) -> float:

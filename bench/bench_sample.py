@@ -11,7 +11,6 @@ Prefill (prompt processing) and decode (one token at a time) are timed separatel
 """
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -22,6 +21,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from export import llama_model  # noqa: E402
+from machine import cpu_name  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 MODELS = {
@@ -72,14 +72,9 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=256)
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    print(f"machine: {cpu}, {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"transformers {transformers.__version__}; {args.new_tokens} new tokens after a {PROMPT_TOKENS}-token "
-          "prompt; tok/s counts every sequence of the batch")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} "
+          f"threads), transformers {transformers.__version__}; {args.new_tokens} new tokens after a "
+          f"{PROMPT_TOKENS}-token prompt; tok/s counts every sequence of the batch")
     for name in args.models.split(","):
         model, hf = build(name)
         print(f"\n{name} model ({model.num_params(False) / 1e6:.1f}M parameters)")

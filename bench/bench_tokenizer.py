@@ -24,17 +24,12 @@ import tokenizers  # noqa: E402
 from tiktoken.load import load_tiktoken_bpe  # noqa: E402
 from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
 
+from machine import cpu_name  # noqa: E402
 from tokenizer import EOT, GPT2_PATTERN, GPT2_RANKS, Tokenizer, default_num_threads  # noqa: E402
 
 
 def machine() -> str:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {default_num_threads()} threads, Python {platform.python_version()}"
+    return f"{cpu_name()}, {default_num_threads()} threads, Python {platform.python_version()}"
 
 
 def load_text():

@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -28,6 +27,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from machine import cpu_name  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 SHAPES = {
@@ -195,13 +195,8 @@ def main():
         print(json.dumps(worker(args.worker, args.shape, args.device, args.dtype, args.steps)))
         return
 
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    print(f"machine: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{args.device}, {args.dtype}, {args.steps} timed steps after 3 warm-up")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; {args.device}, {args.dtype}, {args.steps} timed steps after 3 warm-up")
     for shape_name in (["a", "b"] if args.shape == "all" else [args.shape]):
         shape = SHAPES[shape_name]
         loss = check_same_loss(shape_name, args.device)
