@@ -22,8 +22,9 @@ sys.path.insert(0, ROOT)
 import tiktoken  # noqa: E402
 import tokenizers  # noqa: E402
 from tiktoken.load import load_tiktoken_bpe  # noqa: E402
-from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
+from tokenizers import models, pre_tokenizers, trainers  # noqa: E402
 
+from export import hf_tokenizer  # noqa: E402
 from machine import cpu_name  # noqa: E402
 from tokenizer import EOT, GPT2_PATTERN, GPT2_RANKS, Tokenizer, default_num_threads  # noqa: E402
 
@@ -53,47 +54,11 @@ def timed(fn, repeat):
     return statistics.median(times)
 
 
-def hf_gpt2_from_ranks(ranks):
-    """A Hugging Face byte-level BPE with the GPT-2 vocabulary, rebuilt from the tiktoken ranks file:
-    each token's merge is the last step of BPE-encoding its bytes with the ranks below its own."""
-    byte_to_char = dict(enumerate(_bytes_to_unicode()))  # the printable stand-ins HF uses for bytes
-    to_str = lambda bs: "".join(byte_to_char[b] for b in bs)  # noqa: E731
-    vocab = {to_str(token): rank for token, rank in ranks.items()}
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(token) < 2:
-            continue
-        parts = [bytes([b]) for b in token]
-        while len(parts) > 2:
-            pair_ranks = [ranks.get(parts[i] + parts[i + 1], 1 << 30) for i in range(len(parts) - 1)]
-            i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        merges.append((to_str(parts[0]), to_str(parts[1])))
-    hf = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    return hf
-
-
-def _bytes_to_unicode():
-    """GPT-2's reversible byte -> printable character table, the one HF's ByteLevel uses."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = [], 0
-    for b in range(256):
-        if b in printable:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
 def bench_encode(text, docs, repeat):
     ours = Tokenizer.gpt2()
     ranks = load_tiktoken_bpe(GPT2_RANKS)
     ref = tiktoken.Encoding(name="gpt2", mergeable_ranks=ranks, special_tokens={EOT: 50256}, pat_str=GPT2_PATTERN)
-    hf = hf_gpt2_from_ranks(ranks)
+    hf = hf_tokenizer(ours)  # export.py's: the GPT-2 ranks as a HF byte-level BPE, <|endoftext|> special
     threads = default_num_threads()
 
     assert ours.encode_ordinary(text) == ref.encode_ordinary(text), "ids differ from tiktoken"
