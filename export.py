@@ -20,7 +20,7 @@ import torch
 
 from configurator import ConfigError, configure, settings_of
 from sample import SampleError, load_for_inference
-from tokenizer import EOT, Tokenizer
+from tokenizer import EOT, Tokenizer, replace_directory
 
 # --- settings -------------------------------------------------------------------------------------------
 out_dir = "out/quickstart"  # the train.py run to export
@@ -168,6 +168,8 @@ def hf_tokenizer(tok: Tokenizer):
 
 def export_hf(model, tok: Tokenizer, dest_dir: str, chat_template=None):
     """Write dest_dir whole or not at all: into a temporary sibling directory, then swapped in."""
+    if os.path.exists(dest_dir) and not os.path.isdir(dest_dir):
+        raise ExportError(f"{dest_dir} is a file, not a directory to replace: pick another --dest")
     from transformers import PreTrainedTokenizerFast
     hf_model = gpt2_model(model) if architecture(model.config) == "gpt2" else llama_model(model)
     special = dict(eos_token=EOT, bos_token=EOT, unk_token=None) if EOT in tok.special_tokens else {}
@@ -178,15 +180,11 @@ def export_hf(model, tok: Tokenizer, dest_dir: str, chat_template=None):
     if tok.eot_token is not None:
         hf_model.generation_config.eos_token_id = tok.eot_token
         hf_model.generation_config.pad_token_id = tok.eot_token
-    tmp, old = dest_dir.rstrip("/") + ".tmp", dest_dir.rstrip("/") + ".old"
+    tmp = dest_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     hf_model.save_pretrained(tmp, safe_serialization=True)
     hf_tok.save_pretrained(tmp)
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(dest_dir):
-        os.rename(dest_dir, old)
-    os.rename(tmp, dest_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_directory(tmp, dest_dir)
     return hf_model, hf_tok
 
 

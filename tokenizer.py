@@ -21,6 +21,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence, Union
@@ -58,6 +59,18 @@ def atomic_write(path: str, data: bytes) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def replace_directory(tmp: str, final: str) -> None:
+    """Swap the complete directory tmp in at final by renames: a reader finds the old whole or the new whole
+    (between the two renames, the old one waits beside it as .<name>.old)."""
+    head, name = os.path.split(os.path.abspath(final))
+    old = os.path.join(head, f".{name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def special_tokens_path(ranks_path: str) -> str:

@@ -15,7 +15,6 @@ import importlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from safetensors.torch import load_model, save_file, save_model
 from configurator import ConfigError, configure, settings_of
 from data import TokenDataset
 from model import GPT, GPTConfig
-from tokenizer import atomic_write, special_tokens_path
+from tokenizer import atomic_write, replace_directory, special_tokens_path
 
 # --- settings -------------------------------------------------------------------------------------------
 # I/O
@@ -208,12 +207,7 @@ def save_checkpoint(out_dir, kind, model, optimizer, info, adapter=None):
                os.path.join(tmp, "state.pt"))
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(info["config"], f, indent=1)
-    final, old = os.path.join(out_dir, kind), os.path.join(out_dir, f".{kind}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.isdir(final):
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_directory(tmp, os.path.join(out_dir, kind))
 
 
 def check_compatible(saved, current, path):

@@ -101,3 +101,14 @@ def test_export_command_line(tmp_path):
     assert missing.returncode != 0 and "no checkpoint" in missing.stderr and "Traceback" not in missing.stderr
     wrong = subprocess.run([sys.executable, "export.py", "--to=onnx"], cwd=ROOT, capture_output=True, text=True)
     assert wrong.returncode != 0 and "only export format" in wrong.stderr
+    # exporting again replaces the directory whole, leaving nothing beside it; a file in the way is kept
+    (tmp_path / "hf" / "stale.txt").write_text("from before")
+    again = subprocess.run([sys.executable, *steps[-1]], cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert not (tmp_path / "hf" / "stale.txt").exists() and (tmp_path / "hf" / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".hf", "hf"))) == ["hf"]
+    (tmp_path / "a_file").write_text("keep me")
+    blocked = subprocess.run([sys.executable, "export.py", f"--out_dir={tmp_path / 'run'}",
+                              f"--dest={tmp_path / 'a_file'}"], cwd=ROOT, capture_output=True, text=True)
+    assert blocked.returncode != 0 and "is a file" in blocked.stderr and "Traceback" not in blocked.stderr
+    assert (tmp_path / "a_file").read_text() == "keep me"
