@@ -25,7 +25,6 @@ import math
 import os
 import random
 import re
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -39,8 +38,8 @@ from safetensors.torch import load_file, load_model
 from configurator import ConfigError, configure, settings_of
 from sample import SampleError, find_checkpoint, load_for_inference
 from tokenizer import Tokenizer, atomic_write
-from train import (TrainError, append_log, batch_seed, check_compatible, checkpoint_dir, get_lr,
-                   load_training_state, make_optimizer, pick_device, pick_dtype, plot_loss_curve,
+from train import (TrainError, append_log, batch_seed, catch_stop_signals, check_compatible, checkpoint_dir,
+                   get_lr, load_training_state, make_optimizer, pick_device, pick_dtype, plot_loss_curve,
                    save_checkpoint, truncate_log)
 
 # --- settings -------------------------------------------------------------------------------------------
@@ -769,13 +768,7 @@ def main():
         plot_loss_curve(out_dir)
         return losses
 
-    stop_signal = []
-
-    def request_stop(signum, frame):
-        stop_signal.append(signum)
-        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C stops at once
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    stop_signal = catch_stop_signals()
 
     scaler = torch.amp.GradScaler(device_type, enabled=dtype_name == "float16")
     t_last = time.time()

@@ -442,8 +442,8 @@ class GPT(nn.Module):
         else:
             weights.update(wpe=array(self.transformer.wpe.weight))
         layers = [layer(block, cache) for block, cache in zip(self.transformer.h, caches)]
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        decoder = _nanoslm.Decoder(config, weights, layers, min(torch.get_num_threads(), cores))
+        from tokenizer import default_num_threads  # the cores this process may use (it needs _nanoslm too)
+        decoder = _nanoslm.Decoder(config, weights, layers, min(torch.get_num_threads(), default_num_threads()))
         logits = torch.empty(1, c.vocab_size)
 
         def step(tokens, pos: int):

@@ -287,6 +287,19 @@ def plot_loss_curve(out_dir):
 
 # --- training -------------------------------------------------------------------------------------------
 
+def catch_stop_signals():
+    """From now on SIGINT (Ctrl-C) and SIGTERM are noted in the returned list instead of stopping the process,
+    so that the loop can save a checkpoint first; a second one stops at once."""
+    stop_signal = []
+
+    def request_stop(signum, frame):
+        stop_signal.append(signum)
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    return stop_signal
+
+
 def compile_or_eager(model, x, y, autocast):
     """torch.compile(model), tried at once on one batch, forward and backward (compiling happens at the first
     call); where it cannot run here (no C++ compiler, an unsupported platform), the model itself, with one
@@ -422,13 +435,7 @@ def main():
         save_checkpoint(out_dir, "last", raw_model, optimizer, checkpoint_info())
         plot_loss_curve(out_dir)
 
-    stop_signal = []
-
-    def request_stop(signum, frame):
-        stop_signal.append(signum)
-        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C stops at once
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    stop_signal = catch_stop_signals()
 
     if eval_only:
         evaluate_and_save()

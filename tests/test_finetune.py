@@ -5,10 +5,8 @@ base model is refused)."""
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -17,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import finetune as ft
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
-from test_train import ROOT, stories
+from test_train import ROOT, interrupt_after_steps, stories
 
 LLAMA_STYLE = dict(pos="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False)
 STYLES = [dict(), LLAMA_STYLE, dict(bias=True)]
@@ -408,18 +406,7 @@ def test_interrupted_finetune_resumes_to_identical_adapter(base_run, tmp_path):
               "--eval_instructions=0", "--lora_r=4", "--lora_dropout=0.1"]  # dropout: the RNG must resume too
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     run("finetune.py", *common, f"--out_dir={straight}")
-    # stop the second run part-way with SIGINT, as Ctrl-C would; it saves last/ and exits
-    proc = subprocess.Popen([sys.executable, "finetune.py", *common, f"--out_dir={broken}", "--max_iters=100000"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        log = broken / "log.jsonl"
-        if log.exists() and sum(1 for line in open(log) if '"loss"' in line) >= 3:
-            break
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert "stopped at iteration" in stdout, stdout + stderr
+    interrupt_after_steps("finetune.py", [*common, f"--out_dir={broken}", "--max_iters=100000"], broken, 3)
     stopped_at = torch.load(broken / "last" / "state.pt", weights_only=True)["iter_num"]
     assert 3 <= stopped_at < 16
     resumed = run("finetune.py", *common, f"--out_dir={broken}", "--init_from=resume")

@@ -26,6 +26,21 @@ def run(script, *args, check=True, timeout=240, env=None):
     return proc
 
 
+def interrupt_after_steps(script, args, out_dir, steps):
+    """Run script, and once its log holds steps training steps send SIGINT, as Ctrl-C would: it must save
+    last/ and exit saying so."""
+    proc = subprocess.Popen([PY, script, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = os.path.join(out_dir, "log.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if os.path.exists(log) and sum(1 for line in open(log) if '"loss"' in line) >= steps:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert "stopped at iteration" in stdout, stdout + stderr
+
+
 def stories(first, count):
     with gzip.open(os.path.join(ROOT, "data", "tinystories_sample", "train.txt.gz"), "rt", encoding="utf-8") as f:
         return f.read().split("<|endoftext|>\n")[first:first + count]
@@ -99,18 +114,7 @@ def test_interrupted_run_resumes_to_identical_weights(data_dirs, tmp_path):
               "--dropout=0.1"]  # dropout: the RNG state must be restored too
     straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
     run("train.py", *common, f"--out_dir={straight}")
-    # stop the second run part-way with SIGINT, as Ctrl-C would; it saves last/ and exits
-    proc = subprocess.Popen([PY, "train.py", *common, f"--out_dir={broken}", "--max_iters=100000"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        path = os.path.join(broken, "log.jsonl")
-        if os.path.exists(path) and sum(1 for line in open(path) if '"loss"' in line) >= 5:
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert "stopped at iteration" in stdout, stdout + stderr
+    interrupt_after_steps("train.py", [*common, f"--out_dir={broken}", "--max_iters=100000"], broken, 5)
     stopped_at = torch.load(os.path.join(broken, "last", "state.pt"), weights_only=True)["iter_num"]
     assert 5 <= stopped_at < 24
     run("train.py", *common, f"--out_dir={broken}", "--init_from=resume")
