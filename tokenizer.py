@@ -44,6 +44,13 @@ def default_num_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so it is set back at once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def atomic_write(path: str, data: bytes) -> None:
     """Write data to path through a temporary file and a rename: a reader never sees half a file."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -52,9 +59,7 @@ def atomic_write(path: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -63,7 +68,9 @@ def atomic_write(path: str, data: bytes) -> None:
 
 def replace_directory(tmp: str, final: str) -> None:
     """Swap the complete directory tmp in at final by renames: a reader finds the old whole or the new whole
-    (between the two renames, the old one waits beside it as .<name>.old)."""
+    (between the two renames, the old one waits beside it as .<name>.old). The directory gets the permissions
+    mkdir would give it (tempfile.mkdtemp makes 0700)."""
+    os.chmod(tmp, 0o777 & ~current_umask())
     head, name = os.path.split(os.path.abspath(final))
     old = os.path.join(head, f".{name}.old")
     shutil.rmtree(old, ignore_errors=True)

@@ -193,9 +193,6 @@ def save_checkpoint(out_dir, kind, model, optimizer, info, adapter=None):
     The model goes to model.safetensors; or, given an adapter (a dict of tensors: finetune.py's LoRA weights),
     only the adapter goes, to adapter.safetensors. optimizer None: a checkpoint to sample from, not to resume."""
     tmp = tempfile.mkdtemp(dir=out_dir, prefix=f".{kind}.tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the directory the permissions mkdir would
     if adapter is None:
         save_model(model, os.path.join(tmp, "model.safetensors"))
     else:
