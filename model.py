@@ -402,6 +402,27 @@ class GPT(nn.Module):
         return [KVCache(batch_size, c.n_head, c.block_size, c.n_embd // c.n_head, p.device, p.dtype)
                 for _ in range(c.n_layer)]
 
+    @torch.no_grad()
+    def pack_weights_(self):
+        """Move every parameter into one block of memory, in the order a decoding step reads them, aligned to
+        2 MB and backed by huge pages where the system allows (csrc/decode.h: WeightBlock); values unchanged.
+        Decoding one sequence reads every weight once per token: for weights larger than the caches (a 42M
+        model) that stream runs ~15% faster from one such block than from separate 4 KB-paged tensors. For
+        inference (sample.py calls it after loading); a no-op without the extension or for non-fp32 or
+        non-CPU weights. Returns the model."""
+        params = list(self.parameters())  # each once: the tied embedding and lm_head are one parameter
+        if _nanoslm is None or any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
+            return self
+        sizes = [(p.numel() + 15) // 16 * 16 for p in params]  # each at a 64-byte boundary: whole vector loads
+        block = torch.from_numpy(_nanoslm.weight_block(sum(sizes)))
+        offset = 0
+        for p, size in zip(params, sizes):
+            packed = block[offset:offset + p.numel()].view(p.shape)
+            packed.copy_(p)
+            p.data = packed
+            offset += size
+        return self
+
     def native_decoder(self, caches: List[KVCache]):
         """The decoding step in C++ (csrc/decode.cpp): the whole model for one new token per sequence in one
         call, without eager PyTorch's per-operation overhead, over this model's weights and these caches.

@@ -290,4 +290,11 @@ PYBIND11_MODULE(_nanoslm, m) {
              py::arg("weights"), py::arg("layers"), py::arg("n_threads"))
         .def("step", &PyDecoder::step, py::arg("tokens"), py::arg("pos"), py::arg("logits"),
              "Write the logits (B, V) of the tokens (B,) at position pos; their keys and values go into the caches.");
+    m.def("weight_block", [](py::ssize_t n_floats) {
+        if (n_floats < 0) throw std::invalid_argument("n_floats must not be negative");
+        auto* block = new WeightBlock(size_t(n_floats));
+        py::capsule owner(block, [](void* p) { delete static_cast<WeightBlock*>(p); });
+        return py::array_t<float>({n_floats}, {py::ssize_t(sizeof(float))}, block->data(), owner);
+    }, py::arg("n_floats"), "A float32 array of n_floats, uninitialised, in memory aligned to 2 MB and backed by "
+       "huge pages where the system allows (decode.h: WeightBlock).");
 }

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <functional>
 #include <mutex>
+#include <new>
 #include <system_error>
 #include <thread>
 
@@ -22,6 +23,9 @@
 #else
 #include <unistd.h>
 #define NSLM_GETPID() getpid()
+#endif
+#ifdef __linux__
+#include <sys/mman.h>
 #endif
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -341,6 +345,18 @@ float gelu_tanh(float x) {
 float silu(float x) { return x / (1.0f + std::exp(-x)); }
 
 }  // namespace
+
+constexpr size_t kHugePage = size_t(2) << 20;
+
+WeightBlock::WeightBlock(size_t n_floats) {
+    const size_t bytes = std::max<size_t>(1, (n_floats * sizeof(float) + kHugePage - 1) / kHugePage) * kHugePage;
+    data_ = static_cast<float*>(::operator new(bytes, std::align_val_t(kHugePage)));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(data_, bytes, MADV_HUGEPAGE);  // before the first write faults the pages in; a hint, may be refused
+#endif
+}
+
+WeightBlock::~WeightBlock() { ::operator delete(data_, std::align_val_t(kHugePage)); }
 
 void decode_step(const DecoderConfig& c, const DecoderWeights& w, const int64_t* tokens, int pos, float* logits,
                  int n_threads) {

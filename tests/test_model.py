@@ -243,6 +243,41 @@ def test_native_decoder_rejects_bad_input():
                              dict(wte=model.transformer.wte.weight.detach().numpy()), [], 1)
 
 
+@pytest.mark.parametrize("style", STYLES)
+def test_packed_weights_are_the_same_model_in_one_block(style):
+    import _nanoslm
+    model, unpacked = sharp(**style), sharp(**style)
+    assert model.pack_weights_() is model
+    params = list(model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), unpacked.state_dict().values()))
+    storage = params[0].untyped_storage()
+    assert all(p.untyped_storage().data_ptr() == storage.data_ptr() for p in params)  # one block
+    assert storage.data_ptr() % (2 << 20) == 0 and all(p.data_ptr() % 64 == 0 for p in params)
+    starts = [p.data_ptr() for p in params]
+    assert starts == sorted(starts)  # in the order a step reads them
+    assert (model.lm_head.weight is model.transformer.wte.weight) == model.config.tie_embeddings  # as it was
+    idx = torch.randint(0, 101, (1, 5))
+    assert torch.equal(model.generate(idx, 20, temperature=0), unpacked.generate(idx, 20, temperature=0))
+    # still trainable: an optimizer step moves the packed weights as it moves the others
+    for m in (model.train(), unpacked.train()):
+        torch.manual_seed(1)
+        optimizer = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        _, loss = m(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        optimizer.step()
+    for a, b in zip(model.parameters(), unpacked.parameters()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="negative"):
+        _nanoslm.weight_block(-1)
+
+
+def test_pack_weights_leaves_other_models_alone():
+    model = tiny().double()
+    before = [p.data_ptr() for p in model.parameters()]
+    model.pack_weights_()
+    assert [p.data_ptr() for p in model.parameters()] == before
+
+
 # --- the chunked projection + cross-entropy of the CPU (ChunkedLinearCrossEntropy) -------------------------
 
 @pytest.mark.parametrize("n_ignored", [0, 7, 40])
