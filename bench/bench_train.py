@@ -10,6 +10,9 @@ Shapes: (a) 4 layers, 4 heads, 128 wide, GPT-2 vocabulary (50,257), T=256, B=8;
         (b) 6 layers, 6 heads, 288 wide, 8,192 vocabulary, T=256, B=8.
 Each model runs in its own process, so peak memory (VmHWM on CPU, max allocated on CUDA) is its own.
 Before timing, both models are given the same weights and must give the same loss on the same batch.
+On the CPU it also prints bounds: the step's matrix products at the machine's best fp32 torch.mm rate, and
+timed one by one at their own shapes (both measured in the same run), take a time that no implementation
+of the same math in fp32 goes below.
 """
 import argparse
 import json
@@ -183,6 +186,38 @@ def check_same_loss(shape_name, device):
     return loss_ours.item()
 
 
+def best_time(fn, repeats=5):
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_bounds(shape):
+    """Two floors under a step of these dimensions in fp32, from its matrix products alone: (GFLOP, seconds
+    at the best rate of a large square torch.mm, seconds with each linear layer's forward and backward
+    products timed alone at their own shapes). Attention's products (causal: the lower triangle) are counted
+    at the square rate in both."""
+    B, T, C, L, V = (shape[k] for k in ("batch_size", "block_size", "n_embd", "n_layer", "vocab_size"))
+    N = B * T
+    linears = [(C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)] * L + [(C, V)]  # (in, out): c_attn ... lm_head
+    linear_flops = sum(3 * 2 * N * n_in * n_out for n_in, n_out in linears)  # forward, dX, dW
+    attention_flops = 3 * 2 * B * T * T * C * L
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    square_rate = 2 * n ** 3 / best_time(lambda: torch.mm(a, b))
+    at_shapes = 0.0
+    for n_in, n_out in sorted(set(linears)):
+        x, w, g = torch.randn(N, n_in), torch.randn(n_out, n_in), torch.randn(N, n_out)
+        at_shapes += linears.count((n_in, n_out)) * sum(best_time(f) for f in (
+            lambda: torch.mm(x, w.t()), lambda: torch.mm(g, w), lambda: torch.mm(g.t(), x)))
+    total = linear_flops + attention_flops
+    return total / 1e9, total / square_rate, at_shapes + attention_flops / square_rate
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--shape", choices=["a", "b", "all"], default="all")
@@ -213,6 +248,13 @@ def main():
                   f"peak {r['peak_mb']:7.0f} MB")
         print(f"  ratio: {results['ours']['tok_per_s'] / results['ref']['tok_per_s']:.2f}x tokens/s, "
               f"{results['ours']['peak_mb'] / results['ref']['peak_mb']:.2f}x peak memory")
+        if args.device == "cpu" and args.dtype == "float32":
+            gflop, at_square_rate, at_shapes = matmul_bounds(shape)
+            ref_s = results["ref"]["ms_per_step"] / 1000
+            print(f"  bound: the step's matrix products are {gflop:.0f} GFLOP: {1000 * at_square_rate:.0f} ms at this "
+                  f"machine's best fp32 torch.mm rate (a 2048 square), {1000 * at_shapes:.0f} ms timed at their own "
+                  f"shapes; with everything else free, a step is at most {ref_s / at_square_rate:.2f}x / "
+                  f"{ref_s / at_shapes:.2f}x the reference's")
 
 
 if __name__ == "__main__":
