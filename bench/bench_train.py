@@ -10,9 +10,9 @@ Shapes: (a) 4 layers, 4 heads, 128 wide, GPT-2 vocabulary (50,257), T=256, B=8;
         (b) 6 layers, 6 heads, 288 wide, 8,192 vocabulary, T=256, B=8.
 Each model runs in its own process, so peak memory (VmHWM on CPU, max allocated on CUDA) is its own.
 Before timing, both models are given the same weights and must give the same loss on the same batch.
-On the CPU it also prints bounds: the step's matrix products at the machine's best fp32 torch.mm rate, and
-timed one by one at their own shapes (both measured in the same run), take a time that no implementation
-of the same math in fp32 goes below.
+On the CPU it also prints what the step's matrix products alone take, measured in the same run: at the
+machine's best fp32 torch.mm rate (a floor for any implementation whose products are no faster than that),
+and timed one by one at their own shapes (what PyTorch's products take there).
 """
 import argparse
 import json
