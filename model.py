@@ -423,12 +423,13 @@ class GPT(nn.Module):
             offset += size
         return self
 
-    def native_decoder(self, caches: List[KVCache]):
+    def native_decoder(self, caches: List[KVCache], isa: str = ""):
         """The decoding step in C++ (csrc/decode.cpp): the whole model for one new token per sequence in one
         call, without eager PyTorch's per-operation overhead, over this model's weights and these caches.
         Returns step(tokens (B,), pos) -> logits (B, V), a buffer reused by the next call; or None where it
         does not apply: it needs the built extension, an fp32 model of plain layers on the CPU in eval mode,
-        and one sequence."""
+        and one sequence. isa: the vector kernels' instruction set, one of _nanoslm.decode_instruction_sets();
+        empty for the widest this CPU runs (tests try the others)."""
         if _nanoslm is None or self.training or not caches or caches[0].k.size(0) != 1:
             return None  # (beyond one sequence, PyTorch's matrix-matrix products are as fast: measured)
         tensors = list(self.parameters()) + [t for cache in caches for t in (cache.k, cache.v)]
@@ -464,7 +465,7 @@ class GPT(nn.Module):
             weights.update(wpe=array(self.transformer.wpe.weight))
         layers = [layer(block, cache) for block, cache in zip(self.transformer.h, caches)]
         from tokenizer import default_num_threads  # the cores this process may use (it needs _nanoslm too)
-        decoder = _nanoslm.Decoder(config, weights, layers, min(torch.get_num_threads(), default_num_threads()))
+        decoder = _nanoslm.Decoder(config, weights, layers, min(torch.get_num_threads(), default_num_threads()), isa)
         logits = torch.empty(1, c.vocab_size)
 
         def step(tokens, pos: int):

@@ -102,9 +102,13 @@ void gather_checked(py::array data, py::array_t<int64_t> offsets, int64_t block_
 // The arrays are kept referenced here, so the memory the pointers address lives as long as the Decoder.
 class PyDecoder {
   public:
-    PyDecoder(const py::dict& config, const py::dict& weights, const py::list& layers, int n_threads)
+    PyDecoder(const py::dict& config, const py::dict& weights, const py::list& layers, int n_threads,
+              const std::string& isa)
         // more threads than the machine runs at once would leave spinning threads waiting on descheduled ones
-        : n_threads_(std::clamp(n_threads, 1, std::max(1, int(std::thread::hardware_concurrency())))) {
+        : n_threads_(std::clamp(n_threads, 1, std::max(1, int(std::thread::hardware_concurrency())))), isa_(isa) {
+        const std::vector<std::string> supported = decode_instruction_sets();
+        if (!isa.empty() && std::find(supported.begin(), supported.end(), isa) == supported.end())
+            throw std::invalid_argument("instruction set '" + isa + "' is not one this CPU runs the decoder with");
         auto get = [&](const char* key) { return config[key].cast<int>(); };
         c_ = DecoderConfig{get("n_layer"), get("n_head"), get("n_embd"), get("hidden"), get("vocab_size"),
                            get("block_size"), get("batch_size"), config["rmsnorm"].cast<bool>(),
@@ -156,7 +160,7 @@ class PyDecoder {
         float* out = const_cast<float*>(check(logits, "logits", {c_.batch_size, c_.vocab_size}, true));
         const int64_t* t = tokens.data();
         py::gil_scoped_release release;
-        decode_step(c_, w_, t, pos, out, n_threads_);
+        decode_step(c_, w_, t, pos, out, n_threads_, isa_);
     }
 
   private:
@@ -181,6 +185,7 @@ class PyDecoder {
     DecoderConfig c_;
     DecoderWeights w_;
     int n_threads_;
+    std::string isa_;
     std::vector<py::array> keep_;
 };
 
@@ -286,10 +291,12 @@ PYBIND11_MODULE(_nanoslm, m) {
     }, py::arg("data"), py::arg("offsets"), py::arg("block_size"), py::arg("x"), py::arg("y"),
        "x[b] = data[offsets[b] : offsets[b] + T], y[b] = the same shifted by one.");
     py::class_<PyDecoder>(m, "Decoder")
-        .def(py::init<const py::dict&, const py::dict&, const py::list&, int>(), py::arg("config"),
-             py::arg("weights"), py::arg("layers"), py::arg("n_threads"))
+        .def(py::init<const py::dict&, const py::dict&, const py::list&, int, const std::string&>(),
+             py::arg("config"), py::arg("weights"), py::arg("layers"), py::arg("n_threads"), py::arg("isa") = "")
         .def("step", &PyDecoder::step, py::arg("tokens"), py::arg("pos"), py::arg("logits"),
              "Write the logits (B, V) of the tokens (B,) at position pos; their keys and values go into the caches.");
+    m.def("decode_instruction_sets", &decode_instruction_sets,
+          "The instruction sets the decoder's vector kernels are built for that this CPU runs, widest first.");
     m.def("weight_block", [](py::ssize_t n_floats) {
         if (n_floats < 0) throw std::invalid_argument("n_floats must not be negative");
         auto* block = new WeightBlock(size_t(n_floats));

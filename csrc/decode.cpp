@@ -14,6 +14,7 @@
 #include <functional>
 #include <mutex>
 #include <new>
+#include <stdexcept>
 #include <system_error>
 #include <thread>
 
@@ -35,14 +36,7 @@
 #define NSLM_PAUSE() std::this_thread::yield()
 #endif
 
-// The matrix-vector kernel is compiled for AVX-512, AVX2 and the baseline; the loader picks the best
-// the CPU has (GCC function multi-versioning), so one wheel is fast everywhere.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)  // needs ifunc
-#define NSLM_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define NSLM_VECTOR_CLONES
-#endif
-// Inlined into each clone, so compiled for its instruction set.
+// Inlined into each kernel variant (see Kernels), so compiled for its instruction set.
 #if defined(__GNUC__) || defined(__clang__)
 #define NSLM_INLINE inline __attribute__((always_inline))
 #elif defined(_MSC_VER)
@@ -167,80 +161,112 @@ class WorkerPool {
     int n_active_ = 0;
 };
 
-// 16 floats: one AVX-512 register, two AVX2 ones, four SSE ones; the compiler lowers it to what the
-// target has (GCC/Clang vector extensions). Loads and stores need not be aligned.
-constexpr int kLanes = 16;
+// L floats in a vector the compiler lowers to the target's registers (GCC/Clang vector extensions): 16 fill
+// an AVX-512 register, 8 an AVX2 one. The width must match the target: 16-float vectors compiled for AVX2
+// made the step ~3x slower than 8-float ones (measured), and 8-float ones for AVX-512 ~20% slower than 16.
+// Loads and stores need not be aligned.
 #if (defined(__GNUC__) || defined(__clang__)) && !defined(NSLM_PORTABLE_VECTORS)
-typedef float vec16 __attribute__((vector_size(64), aligned(4), may_alias));
-NSLM_INLINE vec16 load(const float* p) { return *reinterpret_cast<const vec16*>(p); }
-NSLM_INLINE void store(float* p, vec16 v) { *reinterpret_cast<vec16*>(p) = v; }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // "vector return changes the ABI": these are always inlined
+#endif
+template <int L>
+struct Lanes {
+    typedef float type __attribute__((vector_size(4 * L), aligned(4), may_alias));
+};
+template <int L>
+using vec = typename Lanes<L>::type;
+template <int L>
+NSLM_INLINE vec<L> load(const float* p) {
+    return *reinterpret_cast<const vec<L>*>(p);
+}
+template <int L>
+NSLM_INLINE void store(float* p, vec<L> v) {
+    *reinterpret_cast<vec<L>*>(p) = v;
+}
 #else  // other compilers: the same operations on a plain array, which they may vectorize
-struct vec16 {
-    float lane[kLanes];
+template <int L>
+struct vec {
+    float lane[L];
     float operator[](int j) const { return lane[j]; }
-    vec16& operator+=(const vec16& o) {
-        for (int j = 0; j < kLanes; ++j) lane[j] += o.lane[j];
+    vec& operator+=(const vec& o) {
+        for (int j = 0; j < L; ++j) lane[j] += o.lane[j];
         return *this;
     }
 };
-NSLM_INLINE vec16 operator+(vec16 a, const vec16& b) { return a += b; }
-NSLM_INLINE vec16 operator*(vec16 a, const vec16& b) {
-    for (int j = 0; j < kLanes; ++j) a.lane[j] *= b.lane[j];
+template <int L>
+NSLM_INLINE vec<L> operator+(vec<L> a, const vec<L>& b) {
+    return a += b;
+}
+template <int L>
+NSLM_INLINE vec<L> operator*(vec<L> a, const vec<L>& b) {
+    for (int j = 0; j < L; ++j) a.lane[j] *= b.lane[j];
     return a;
 }
-NSLM_INLINE vec16 operator*(float s, vec16 a) {
-    for (int j = 0; j < kLanes; ++j) a.lane[j] *= s;
+template <int L>
+NSLM_INLINE vec<L> operator*(float s, vec<L> a) {
+    for (int j = 0; j < L; ++j) a.lane[j] *= s;
     return a;
 }
-NSLM_INLINE vec16 load(const float* p) {
-    vec16 v;
+template <int L>
+NSLM_INLINE vec<L> load(const float* p) {
+    vec<L> v;
     std::memcpy(v.lane, p, sizeof v.lane);
     return v;
 }
-NSLM_INLINE void store(float* p, const vec16& v) { std::memcpy(p, v.lane, sizeof v.lane); }
+template <int L>
+NSLM_INLINE void store(float* p, const vec<L>& v) {
+    std::memcpy(p, v.lane, sizeof v.lane);
+}
 #endif
 
-// A tree of halvings in registers: a running sum over the lanes would be 16 dependent additions per row.
-NSLM_INLINE float sum_lanes(vec16 v) {
+// A tree of halvings in registers: a running sum over the lanes would be L dependent additions per row.
+template <int L>
+NSLM_INLINE float sum_lanes(vec<L> v) {
 #if (defined(__clang__) || __GNUC__ >= 12) && !defined(NSLM_PORTABLE_VECTORS)
-    typedef float vec8 __attribute__((vector_size(32)));
     typedef float vec4 __attribute__((vector_size(16)));
-    const vec8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                   __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    const vec4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    vec4 q;
+    if constexpr (L == 16) {
+        const vec<8> h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+        q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    } else {
+        static_assert(L == 8, "sum_lanes: 8 or 16 lanes");
+        q = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+    }
     return (q[0] + q[2]) + (q[1] + q[3]);
 #else
     float sum = 0.0f;
-    for (int j = 0; j < kLanes; ++j) sum += v[j];
+    for (int j = 0; j < L; ++j) sum += v[j];
     return sum;
 #endif
 }
 
+template <int L>
 NSLM_INLINE float dot(const float* a, const float* b, int n) {
-    vec16 acc = {};
+    vec<L> acc = {};
     int i = 0;
-    for (; i + kLanes <= n; i += kLanes) acc += load(a + i) * load(b + i);
-    float sum = sum_lanes(acc);
+    for (; i + L <= n; i += L) acc += load<L>(a + i) * load<L>(b + i);
+    float sum = sum_lanes<L>(acc);
     for (; i < n; ++i) sum += a[i] * b[i];
     return sum;
 }
 
 // Y[b, r] = W[r] . X[b] + bias[r] for four rows r0..r0+3 and S sequences b0..b0+S-1: the 4 x S partial sums
 // stay in registers, each load of w serves S sequences and each load of x four rows.
-template <int S>
+template <int L, int S>
 NSLM_INLINE void four_rows(const float* W, const float* bias, const float* X, float* Y, int n_in, int n_out, int r0,
-                      int b0) {
+                           int b0) {
     const float* w[4];
     const float* x[S];
     for (int k = 0; k < 4; ++k) w[k] = W + size_t(r0 + k) * n_in;
     for (int s = 0; s < S; ++s) x[s] = X + size_t(b0 + s) * n_in;
-    vec16 acc[4][S] = {};
+    vec<L> acc[4][S] = {};
     int i = 0;
-    for (; i + kLanes <= n_in; i += kLanes) {
-        vec16 xv[S];
-        for (int s = 0; s < S; ++s) xv[s] = load(x[s] + i);
+    for (; i + L <= n_in; i += L) {
+        vec<L> xv[S];
+        for (int s = 0; s < S; ++s) xv[s] = load<L>(x[s] + i);
         for (int k = 0; k < 4; ++k) {
-            const vec16 wv = load(w[k] + i);
+            const vec<L> wv = load<L>(w[k] + i);
             for (int s = 0; s < S; ++s) acc[k][s] += wv * xv[s];
         }
     }
@@ -248,9 +274,9 @@ NSLM_INLINE void four_rows(const float* W, const float* bias, const float* X, fl
     NSLM_UNROLL
     for (int k = 0; k < 4; ++k) {
         NSLM_UNROLL
-        for (int s = 0; s < S; ++s) sum[k][s] = sum_lanes(acc[k][s]);
+        for (int s = 0; s < S; ++s) sum[k][s] = sum_lanes<L>(acc[k][s]);
     }
-    for (; i < n_in; ++i)  // the tail, when n_in is not a multiple of 16
+    for (; i < n_in; ++i)  // the tail, when n_in is not a multiple of L
         for (int k = 0; k < 4; ++k)
             for (int s = 0; s < S; ++s) sum[k][s] += w[k][i] * x[s][i];
     for (int k = 0; k < 4; ++k)
@@ -260,21 +286,90 @@ NSLM_INLINE void four_rows(const float* W, const float* bias, const float* X, fl
 
 // Y[b, r] = W[r] . X[b] + bias[r] for rows r in [r0, r1) and every b < B. W: (n_out, n_in). A block of four
 // rows stays in L1 while every sequence of the batch uses it, so the weights are read once per step.
-NSLM_VECTOR_CLONES
-void matvec_rows(const float* W, const float* bias, const float* X, float* Y, int B, int n_in, int n_out,
-                 int r0, int r1) {
+template <int L>
+NSLM_INLINE void matvec_rows(const float* W, const float* bias, const float* X, float* Y, int B, int n_in,
+                             int n_out, int r0, int r1) {
     int r = r0;
     for (; r + 4 <= r1; r += 4) {
         int b = 0;
-        for (; b + 4 <= B; b += 4) four_rows<4>(W, bias, X, Y, n_in, n_out, r, b);
-        for (; b + 2 <= B; b += 2) four_rows<2>(W, bias, X, Y, n_in, n_out, r, b);
-        for (; b < B; ++b) four_rows<1>(W, bias, X, Y, n_in, n_out, r, b);
+        for (; b + 4 <= B; b += 4) four_rows<L, 4>(W, bias, X, Y, n_in, n_out, r, b);
+        for (; b + 2 <= B; b += 2) four_rows<L, 2>(W, bias, X, Y, n_in, n_out, r, b);
+        for (; b < B; ++b) four_rows<L, 1>(W, bias, X, Y, n_in, n_out, r, b);
     }
     for (; r < r1; ++r)
         for (int b = 0; b < B; ++b) {
-            const float s = dot(W + size_t(r) * n_in, X + size_t(b) * n_in, n_in);
+            const float s = dot<L>(W + size_t(r) * n_in, X + size_t(b) * n_in, n_in);
             Y[size_t(b) * n_out + r] = bias ? s + bias[r] : s;
         }
+}
+
+// One head of one sequence: write its new key and value into the cache at pos, then attend over 0..pos.
+template <int L>
+NSLM_INLINE void attend(int hs, float* q, const float* k, const float* v, float* k_cache, float* v_cache, int pos,
+                        float* scores, float* out) {
+    std::copy(k, k + hs, k_cache + size_t(pos) * hs);
+    std::copy(v, v + hs, v_cache + size_t(pos) * hs);
+    const float scale = 1.0f / std::sqrt(float(hs));
+    float max_score = -INFINITY;
+    for (int t = 0; t <= pos; ++t) {
+        scores[t] = dot<L>(q, k_cache + size_t(t) * hs, hs) * scale;
+        max_score = std::max(max_score, scores[t]);
+    }
+    float total = 0.0f;
+    for (int t = 0; t <= pos; ++t) total += (scores[t] = std::exp(scores[t] - max_score));
+    std::fill(out, out + hs, 0.0f);
+    for (int t = 0; t <= pos; ++t) {
+        const float p = scores[t] / total;
+        const float* vt = v_cache + size_t(t) * hs;
+        int i = 0;
+        for (; i + L <= hs; i += L) store<L>(out + i, load<L>(out + i) + p * load<L>(vt + i));
+        for (; i < hs; ++i) out[i] += p * vt[i];
+    }
+}
+
+// The vector kernels, each compiled for one instruction set; decode_step uses the widest the CPU runs.
+#define NSLM_MATVEC_ARGS const float *W, const float *bias, const float *X, float *Y, int B, int n_in, int n_out, \
+                         int r0, int r1
+#define NSLM_ATTEND_ARGS int hs, float *q, const float *k, const float *v, float *k_cache, float *v_cache, int pos, \
+                         float *scores, float *out
+#define NSLM_KERNELS(suffix, target, L)                                                                   \
+    target void matvec_rows_##suffix(NSLM_MATVEC_ARGS) { matvec_rows<L>(W, bias, X, Y, B, n_in, n_out, r0, r1); } \
+    target void attend_##suffix(NSLM_ATTEND_ARGS) { attend<L>(hs, q, k, v, k_cache, v_cache, pos, scores, out); }
+
+NSLM_KERNELS(baseline, , 8)
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(NSLM_PORTABLE_VECTORS)
+#define NSLM_X86_VARIANTS
+NSLM_KERNELS(avx2, __attribute__((target("avx2,fma"))), 8)
+NSLM_KERNELS(avx512, __attribute__((target("avx512f,fma"))), 16)
+#endif
+
+struct Kernels {
+    const char* isa;
+    void (*matvec_rows)(NSLM_MATVEC_ARGS);
+    void (*attend)(NSLM_ATTEND_ARGS);
+};
+
+// Those this CPU runs, the widest first.
+const std::vector<Kernels>& supported_kernels() {
+    static const std::vector<Kernels> kernels = [] {
+        std::vector<Kernels> found;
+#ifdef NSLM_X86_VARIANTS
+        __builtin_cpu_init();
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"))
+            found.push_back({"avx512", matvec_rows_avx512, attend_avx512});
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+            found.push_back({"avx2", matvec_rows_avx2, attend_avx2});
+#endif
+        found.push_back({"baseline", matvec_rows_baseline, attend_baseline});
+        return found;
+    }();
+    return kernels;
+}
+
+const Kernels& kernels_for(const std::string& isa) {
+    for (const Kernels& k : supported_kernels())
+        if (isa.empty() || isa == k.isa) return k;
+    throw std::invalid_argument("instruction set '" + isa + "' is not one this CPU runs the decoder with");
 }
 
 // This thread's share of n rows: contiguous, in multiples of 4 so the kernel's row blocks stay whole.
@@ -313,30 +408,6 @@ void rotate(float* v, const float* cos, const float* sin, int half) {
     }
 }
 
-// One head of one sequence: write its new key and value into the cache at pos, then attend over 0..pos.
-NSLM_VECTOR_CLONES
-void attend(int hs, float* q, const float* k, const float* v, float* k_cache, float* v_cache, int pos,
-            float* scores, float* out) {
-    std::copy(k, k + hs, k_cache + size_t(pos) * hs);
-    std::copy(v, v + hs, v_cache + size_t(pos) * hs);
-    const float scale = 1.0f / std::sqrt(float(hs));
-    float max_score = -INFINITY;
-    for (int t = 0; t <= pos; ++t) {
-        scores[t] = dot(q, k_cache + size_t(t) * hs, hs) * scale;
-        max_score = std::max(max_score, scores[t]);
-    }
-    float total = 0.0f;
-    for (int t = 0; t <= pos; ++t) total += (scores[t] = std::exp(scores[t] - max_score));
-    std::fill(out, out + hs, 0.0f);
-    for (int t = 0; t <= pos; ++t) {
-        const float p = scores[t] / total;
-        const float* vt = v_cache + size_t(t) * hs;
-        int i = 0;
-        for (; i + kLanes <= hs; i += kLanes) store(out + i, load(out + i) + p * load(vt + i));
-        for (; i < hs; ++i) out[i] += p * vt[i];
-    }
-}
-
 float gelu_tanh(float x) {
     const float k = 0.7978845608028654f;  // sqrt(2 / pi)
     return 0.5f * x * (1.0f + std::tanh(k * (x + 0.044715f * x * x * x)));
@@ -358,14 +429,21 @@ WeightBlock::WeightBlock(size_t n_floats) {
 
 WeightBlock::~WeightBlock() { ::operator delete(data_, std::align_val_t(kHugePage)); }
 
+std::vector<std::string> decode_instruction_sets() {
+    std::vector<std::string> names;
+    for (const Kernels& k : supported_kernels()) names.push_back(k.isa);
+    return names;
+}
+
 void decode_step(const DecoderConfig& c, const DecoderWeights& w, const int64_t* tokens, int pos, float* logits,
-                 int n_threads) {
+                 int n_threads, const std::string& isa) {
     const int B = c.batch_size, C = c.n_embd, H = c.hidden, V = c.vocab_size;
     const int hs = C / c.n_head;
     const int fc_rows = c.swiglu ? 2 * H : H;
     // Shared: the outputs of the matrix-vector products, each row written by one thread.
     std::vector<float> qkv(size_t(B) * 3 * C), heads(size_t(B) * C), attn_out(size_t(B) * C),
         fc_out(size_t(B) * fc_rows), mlp_out(size_t(B) * C);
+    const Kernels& kernels = kernels_for(isa);
     WorkerPool* pool = n_threads > 1 ? &WorkerPool::get(n_threads) : nullptr;
     if (pool) n_threads = std::min(n_threads, pool->size());
     SpinBarrier barrier(n_threads);
@@ -379,7 +457,7 @@ void decode_step(const DecoderConfig& c, const DecoderWeights& w, const int64_t*
         for (const DecoderLayer& L : w.layers) {
             norm(c, x.data(), L.ln_1_weight, L.ln_1_bias, xn.data());
             auto [q0, q1] = share(3 * C, tid, n_threads);
-            matvec_rows(L.attn_weight, L.attn_bias, xn.data(), qkv.data(), B, C, 3 * C, q0, q1);
+            kernels.matvec_rows(L.attn_weight, L.attn_bias, xn.data(), qkv.data(), B, C, 3 * C, q0, q1);
             barrier.wait();
             for (int task = tid; task < B * c.n_head; task += n_threads) {
                 const int b = task / c.n_head, h = task % c.n_head;
@@ -392,30 +470,30 @@ void decode_step(const DecoderConfig& c, const DecoderWeights& w, const int64_t*
                     rotate(k, cos, sin, hs / 2);
                 }
                 const size_t cache_offset = size_t(task) * c.block_size * hs;  // (b, h) of (B, nh, block, hs)
-                attend(hs, q, k, q + 2 * C, L.k_cache + cache_offset, L.v_cache + cache_offset, pos, scores.data(),
+                kernels.attend(hs, q, k, q + 2 * C, L.k_cache + cache_offset, L.v_cache + cache_offset, pos, scores.data(),
                        heads.data() + size_t(b) * C + h * hs);
             }
             barrier.wait();
             auto [p0, p1] = share(C, tid, n_threads);
-            matvec_rows(L.attn_proj_weight, L.attn_proj_bias, heads.data(), attn_out.data(), B, C, C, p0, p1);
+            kernels.matvec_rows(L.attn_proj_weight, L.attn_proj_bias, heads.data(), attn_out.data(), B, C, C, p0, p1);
             barrier.wait();
             for (size_t i = 0; i < x.size(); ++i) x[i] += attn_out[i];
             norm(c, x.data(), L.ln_2_weight, L.ln_2_bias, xn.data());
             auto [f0, f1] = share(fc_rows, tid, n_threads);
-            matvec_rows(L.fc_weight, L.fc_bias, xn.data(), fc_out.data(), B, C, fc_rows, f0, f1);
+            kernels.matvec_rows(L.fc_weight, L.fc_bias, xn.data(), fc_out.data(), B, C, fc_rows, f0, f1);
             barrier.wait();
             for (int b = 0; b < B; ++b) {
                 const float* h = fc_out.data() + size_t(b) * fc_rows;
                 float* a = act.data() + size_t(b) * H;
                 for (int i = 0; i < H; ++i) a[i] = c.swiglu ? silu(h[i]) * h[H + i] : gelu_tanh(h[i]);
             }
-            matvec_rows(L.mlp_proj_weight, L.mlp_proj_bias, act.data(), mlp_out.data(), B, H, C, p0, p1);
+            kernels.matvec_rows(L.mlp_proj_weight, L.mlp_proj_bias, act.data(), mlp_out.data(), B, H, C, p0, p1);
             barrier.wait();
             for (size_t i = 0; i < x.size(); ++i) x[i] += mlp_out[i];
         }
         norm(c, x.data(), w.ln_f_weight, w.ln_f_bias, xn.data());
         auto [v0, v1] = share(V, tid, n_threads);
-        matvec_rows(w.lm_head, nullptr, xn.data(), logits, B, C, V, v0, v1);
+        kernels.matvec_rows(w.lm_head, nullptr, xn.data(), logits, B, C, V, v0, v1);
     };
 
     if (n_threads == 1) run(0);

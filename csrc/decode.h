@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace nanoslm {
@@ -52,9 +53,14 @@ class WeightBlock {
     float* data_;
 };
 
+// The instruction sets the step's vector kernels are built for that this CPU runs, the widest first:
+// some of "avx512", "avx2", and always "baseline".
+std::vector<std::string> decode_instruction_sets();
+
 // tokens: (B,) the new tokens, at position pos (the caches hold positions 0..pos-1 and get pos written).
-// logits: (B, V) out. The work is split over n_threads threads (the caller's included).
+// logits: (B, V) out. The work is split over n_threads threads (the caller's included). isa: one of
+// decode_instruction_sets(), or empty for the widest.
 void decode_step(const DecoderConfig& config, const DecoderWeights& weights, const int64_t* tokens, int pos,
-                 float* logits, int n_threads);
+                 float* logits, int n_threads, const std::string& isa = "");
 
 }  // namespace nanoslm

@@ -169,16 +169,24 @@ def without_native(model):
 NATIVE_SHAPES = [dict(n_embd=40, n_head=2, vocab_size=101), dict(n_embd=64, n_head=4, vocab_size=300)]
 
 
+def runs_on_this_cpu(isa):
+    import _nanoslm
+    if isa not in _nanoslm.decode_instruction_sets():
+        pytest.skip(f"this CPU does not run {isa}")
+    return isa
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])  # each build of the vector kernels
 @pytest.mark.parametrize("shape", NATIVE_SHAPES)
 @pytest.mark.parametrize("style", STYLES)
-def test_native_decode_step_equals_pytorch(style, shape):
+def test_native_decode_step_equals_pytorch(style, shape, isa):
     model = sharp(block_size=32, **shape, **style)
     prompt = torch.randint(0, shape["vocab_size"], (1, 7))
     with torch.inference_mode():
         native_caches, plain_caches = model.new_caches(1), model.new_caches(1)
         model.hidden_states(prompt, native_caches)
         model.hidden_states(prompt, plain_caches)
-        step = model.native_decoder(native_caches)
+        step = model.native_decoder(native_caches, runs_on_this_cpu(isa))
         assert step is not None
         for pos, token in enumerate([5, 17, 99, 0], start=7):
             tok = torch.tensor([token])
@@ -237,6 +245,9 @@ def test_native_decoder_rejects_bad_input():
             _nanoslm.Decoder(config, {}, [], 1)
         with pytest.raises(ValueError, match="even head size"):
             _nanoslm.Decoder(dict(config, n_head=32, rope=True), {}, [], 1)
+        with pytest.raises(ValueError, match="not one this CPU runs"):
+            model.native_decoder(model.new_caches(1), "avx1024")
+        assert _nanoslm.decode_instruction_sets()[-1] == "baseline"
         with pytest.raises(ValueError, match="missing wpe"):  # an incomplete model: a clear error, no crash
             _nanoslm.Decoder(dict(n_layer=0, n_head=2, n_embd=32, hidden=128, vocab_size=101, block_size=16,
                                   batch_size=1, rmsnorm=False, swiglu=False, rope=False, eps=1e-5),
