@@ -4,6 +4,7 @@ weights (converted by export.py), measured in the same run. Greedy outputs must 
 
     python bench/bench_sample.py                  # both models, batch 1 and 16, greedy and top-k/top-p
     python bench/bench_sample.py --models=15M --batches=1 --new_tokens=128
+    python bench/bench_sample.py --isa=avx2       # the C++ step's AVX2 build, as an AVX2-only CPU runs it
 
 Models (Llama layout, random weights, tied 32,000-token embeddings, the shapes of llama2.c's stories15M and
 stories42M): 15M = 6 layers, 6 heads, 288 wide; 40M = 8 layers, 8 heads, 512 wide. Prompt: 16 tokens.
@@ -14,6 +15,7 @@ bounds any fp32 implementation: the script measures it on a tensor of the model'
 the packed weights are (torch.amax, all threads, best of 10) and prints the ceiling next to the speeds.
 """
 import argparse
+import functools
 import os
 import sys
 import time
@@ -88,13 +90,18 @@ def main():
     parser.add_argument("--models", default="15M,40M")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--new_tokens", type=int, default=256)
+    parser.add_argument("--isa", default="", choices=[""] + _nanoslm.decode_instruction_sets(),
+                        help="the instruction set of the C++ decoding step (default: the widest this CPU runs)")
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} "
-          f"threads), transformers {transformers.__version__}; {args.new_tokens} new tokens after a "
+          f"threads), transformers {transformers.__version__}; C++ step: "
+          f"{args.isa or _nanoslm.decode_instruction_sets()[0]}; {args.new_tokens} new tokens after a "
           f"{PROMPT_TOKENS}-token prompt; tok/s counts every sequence of the batch")
     for name in args.models.split(","):
         model, hf = build(name)
+        if args.isa:
+            model.native_decoder = functools.partial(GPT.native_decoder, model, isa=args.isa)
         print(f"\n{name} model ({model.num_params(False) / 1e6:.1f}M parameters)")
         hf_greedy_batch1 = None
         print(f"  {'batch':>5} {'mode':<8} {'ours prefill':>13} {'ours decode':>12} {'HF prefill':>11} "
