@@ -316,3 +316,18 @@ def test_chunked_loss_equals_cross_entropy(monkeypatch, n_ignored, chunk_element
     torch.testing.assert_close(losses[0], losses[1])
     for ours, reference in zip(*grads):
         torch.testing.assert_close(ours, reference)
+
+
+def test_chunked_loss_reuses_its_buffer_across_calls():
+    from model import ChunkedLinearCrossEntropy, lm_head_loss, plain_lm_head_loss
+    torch.manual_seed(0)
+    big = ChunkedLinearCrossEntropy.logits_buffer(900, 50, torch.float32, torch.device("cpu"))
+    for N, V in [(700, 50), (300, 23)]:  # a part of the buffer, then a part of that part, viewed anew
+        x, w = torch.randn(N, 16, requires_grad=True), torch.randn(V, 16, requires_grad=True)
+        targets = torch.randint(0, V, (N,))
+        ours = torch.autograd.grad(lm_head_loss(x, w, targets), (x, w))
+        reference = torch.autograd.grad(plain_lm_head_loss(x, w, targets), (x, w))
+        for a, b in zip(ours, reference):
+            torch.testing.assert_close(a, b)
+    again = ChunkedLinearCrossEntropy.logits_buffer(300, 23, torch.float32, torch.device("cpu"))
+    assert again.data_ptr() == big.data_ptr()  # no fresh allocation (and page faults) per step
