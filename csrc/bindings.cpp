@@ -105,10 +105,8 @@ class PyDecoder {
     PyDecoder(const py::dict& config, const py::dict& weights, const py::list& layers, int n_threads,
               const std::string& isa)
         // more threads than the machine runs at once would leave spinning threads waiting on descheduled ones
-        : n_threads_(std::clamp(n_threads, 1, std::max(1, int(std::thread::hardware_concurrency())))), isa_(isa) {
-        const std::vector<std::string> supported = decode_instruction_sets();
-        if (!isa.empty() && std::find(supported.begin(), supported.end(), isa) == supported.end())
-            throw std::invalid_argument("instruction set '" + isa + "' is not one this CPU runs the decoder with");
+        : n_threads_(std::clamp(n_threads, 1, std::max(1, int(std::thread::hardware_concurrency())))),
+          isa_(resolve_instruction_set(isa)) {
         auto get = [&](const char* key) { return config[key].cast<int>(); };
         c_ = DecoderConfig{get("n_layer"), get("n_head"), get("n_embd"), get("hidden"), get("vocab_size"),
                            get("block_size"), get("batch_size"), config["rmsnorm"].cast<bool>(),

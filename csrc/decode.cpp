@@ -435,6 +435,8 @@ std::vector<std::string> decode_instruction_sets() {
     return names;
 }
 
+std::string resolve_instruction_set(const std::string& isa) { return kernels_for(isa).isa; }
+
 void decode_step(const DecoderConfig& c, const DecoderWeights& w, const int64_t* tokens, int pos, float* logits,
                  int n_threads, const std::string& isa) {
     const int B = c.batch_size, C = c.n_embd, H = c.hidden, V = c.vocab_size;

@@ -57,6 +57,10 @@ class WeightBlock {
 // some of "avx512", "avx2", and always "baseline".
 std::vector<std::string> decode_instruction_sets();
 
+// The one of decode_instruction_sets() that decode_step runs for isa: isa itself, or the widest when empty.
+// Throws std::invalid_argument for a name this CPU does not run.
+std::string resolve_instruction_set(const std::string& isa);
+
 // tokens: (B,) the new tokens, at position pos (the caches hold positions 0..pos-1 and get pos written).
 // logits: (B, V) out. The work is split over n_threads threads (the caller's included). isa: one of
 // decode_instruction_sets(), or empty for the widest.
