@@ -5,6 +5,7 @@ weights (converted by export.py), measured in the same run. Greedy outputs must 
     python bench/bench_sample.py                  # both models, batch 1 and 16, greedy and top-k/top-p
     python bench/bench_sample.py --models=15M --batches=1 --new_tokens=128
     python bench/bench_sample.py --isa=avx2       # the C++ step's AVX2 build, as an AVX2-only CPU runs it
+    python bench/bench_sample.py --unpacked       # our weights left as separate tensors (no pack_weights_)
 
 Models (Llama layout, random weights, tied 32,000-token embeddings, the shapes of llama2.c's stories15M and
 stories42M): 15M = 6 layers, 6 heads, 288 wide; 40M = 8 layers, 8 heads, 512 wide. Prompt: 16 tokens.
@@ -38,14 +39,14 @@ MODELS = {
 PROMPT_TOKENS = 16
 
 
-def build(name):
+def build(name, pack=True):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=32000, block_size=512, pos="rope", norm="rmsnorm", mlp="swiglu",
                           **MODELS[name])).eval()
     with torch.no_grad():  # sharper logits than at init, so sampling is not uniform noise
         model.transformer.wte.weight.mul_(8)
     hf = llama_model(model)
-    return model.pack_weights_(), hf  # as sample.py does after loading
+    return (model.pack_weights_() if pack else model), hf  # packed as sample.py does after loading
 
 
 def time_ours(model, prompt, new_tokens, sampling):
@@ -92,14 +93,17 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument("--isa", default="", choices=[""] + _nanoslm.decode_instruction_sets(),
                         help="the instruction set of the C++ decoding step (default: the widest this CPU runs)")
+    parser.add_argument("--unpacked", action="store_true",
+                        help="leave our weights as separate tensors instead of packing them as sample.py does")
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} "
           f"threads), transformers {transformers.__version__}; C++ step: "
-          f"{args.isa or _nanoslm.decode_instruction_sets()[0]}; {args.new_tokens} new tokens after a "
+          f"{args.isa or _nanoslm.decode_instruction_sets()[0]}, weights {'unpacked' if args.unpacked else 'packed'}; "
+          f"{args.new_tokens} new tokens after a "
           f"{PROMPT_TOKENS}-token prompt; tok/s counts every sequence of the batch")
     for name in args.models.split(","):
-        model, hf = build(name)
+        model, hf = build(name, pack=not args.unpacked)
         if args.isa:
             model.native_decoder = functools.partial(GPT.native_decoder, model, isa=args.isa)
         print(f"\n{name} model ({model.num_params(False) / 1e6:.1f}M parameters)")
