@@ -491,6 +491,10 @@ def main():
     else:
         evaluate_and_save()
     if ddp:
+        # A gloo worker thread frees the tensors of a finished collective a moment after it returns, taking the
+        # GIL to do so; if the interpreter is exiting by then, the process aborts ("terminate called without an
+        # active exception"). Waiting in a barrier releases the GIL and gives the workers that moment.
+        dist.barrier()
         dist.destroy_process_group()
 
 
