@@ -8,10 +8,12 @@ A script keeps its settings as plain globals with defaults, then calls
 Each argument is either a config file -- plain Python that assigns some of those globals -- or
 --key=value (--flag alone sets a boolean to True), applied in order, so later ones win. Values are Python literals (parsed with
 ast.literal_eval; anything that is not a literal is taken as a string) and must have the default's type
-(an int is accepted where a float is expected). An unknown key is an error that names the closest ones.
+(an int is accepted where a float is expected; None only where the default is None). An unknown key is an
+error that names the closest ones. UPPER_CASE globals are a script's constants, not settings.
 """
 import ast
 import difflib
+import inspect
 import os
 
 SETTING_TYPES = (bool, int, float, str, tuple, list, type(None))
@@ -22,8 +24,22 @@ class ConfigError(ValueError):
 
 
 def settings_of(namespace: dict) -> dict:
-    """The configurable globals of a script: public names bound to plain values."""
-    return {k: v for k, v in namespace.items() if not k.startswith("_") and isinstance(v, SETTING_TYPES)}
+    """The configurable globals of a script: public, not UPPER_CASE, names bound to plain values."""
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and not k.isupper() and isinstance(v, SETTING_TYPES)}
+
+
+def _assignments(namespace: dict, path: str) -> dict:
+    """The settings a config file assigns: its public names, less its imports, functions and constants."""
+    settings = {}
+    for key, value in namespace.items():
+        if key.startswith("_") or key.isupper() or inspect.ismodule(value) or callable(value):
+            continue
+        if not isinstance(value, SETTING_TYPES):
+            raise ConfigError(f"in {path}: {key} is a {type(value).__name__}; a setting is a bool, int, float, "
+                              "str, tuple, list or None")
+        settings[key] = value
+    return settings
 
 
 def _unknown_key(key, known):
@@ -33,8 +49,10 @@ def _unknown_key(key, known):
 
 
 def _checked(key, value, default):
-    if default is None or value is None:
+    if default is None:
         return value
+    if value is None:
+        raise ConfigError(f"{key} cannot be None (its default is {default!r})")
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if type(value) is not type(default):
@@ -48,7 +66,7 @@ def _parse_value(text: str):
         return text == "true"
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except Exception:  # ValueError, SyntaxError, TypeError ({[1]: 2}), RecursionError, MemoryError
         return text  # a bare word, e.g. --device=cuda
 
 
@@ -62,7 +80,7 @@ def configure(defaults: dict, argv) -> dict:
             namespace = {}
             with open(arg) as f:
                 exec(compile(f.read(), arg, "exec"), namespace)
-            for key, value in settings_of(namespace).items():
+            for key, value in _assignments(namespace, arg).items():
                 if key not in settings:
                     raise ConfigError(f"in {arg}: " + str(_unknown_key(key, settings)))
                 settings[key] = _checked(key, value, defaults[key])

@@ -145,8 +145,24 @@ def test_configure_errors(tmp_path):
         configure(DEFAULTS, ["--max_iters"])
 
 
+def test_configure_refuses_what_it_cannot_check(tmp_path):
+    with pytest.raises(ConfigError, match="batch_size cannot be None"):
+        configure(DEFAULTS, ["--batch_size=None"])
+    assert configure(dict(DEFAULTS, top_k=None), ["--top_k=5"])["top_k"] == 5  # None default: any type
+    with pytest.raises(ConfigError, match="must be int"):
+        configure(DEFAULTS, ["--batch_size={[1]: 2}"])  # not a literal (unhashable key): taken as text
+    assert configure(DEFAULTS, ["--out_dir={[1]: 2}"])["out_dir"] == "{[1]: 2}"
+    cfg = tmp_path / "c.py"
+    cfg.write_text("from math import sqrt\nSCALE = 2\nbatch_size = {'a': 1}\n")
+    with pytest.raises(ConfigError, match="batch_size is a dict"):
+        configure(DEFAULTS, [str(cfg)])
+    cfg.write_text("import math\nfrom math import sqrt\nWIDTH = 4\nbatch_size = WIDTH * 8\n"
+                   "def helper():\n    pass\n")
+    assert configure(DEFAULTS, [str(cfg)])["batch_size"] == 32
+
+
 def test_settings_of_keeps_plain_values_only():
-    ns = {"a": 1, "_b": 2, "torch": torch, "f": len, "s": "x"}
+    ns = {"a": 1, "_b": 2, "torch": torch, "f": len, "s": "x", "IM_END": "<|im_end|>", "ROLES": ("user",)}
     assert settings_of(ns) == {"a": 1, "s": "x"}
 
 
