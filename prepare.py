@@ -6,7 +6,7 @@ Turn a text corpus into the token files that train.py reads: data/<name>/{train.
     python prepare.py --dataset=bundled --vocab_size=4096  # train a BPE vocabulary on the train split too
     python prepare.py --input=stories.txt                  # documents separated by <|endoftext|> lines
     python prepare.py --input=notes.txt.gz --separator=blankline
-    python prepare.py --input=a.jsonl b.jsonl --text_field=content --normalize
+    python prepare.py --input a.jsonl b.jsonl --text_field=content --normalize
     python prepare.py --input=train.parquet --val_input=val.parquet --name=mycorpus
 
 Each document becomes its tokens followed by <|endoftext|>. Without --val_input, each document goes to val
@@ -55,9 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=["tinystories", "bundled"], default="tinystories",
                      help="tinystories: download roneneldan/TinyStories from the Hugging Face hub; bundled: the "
                           "4,043 stories in data/tinystories_sample/train.txt.gz (no network). Default tinystories")
-    p.add_argument("--input", nargs="+", metavar="PATH",
+    # extend: --input=a --input=b means both files (the = form takes one value, so the last would win)
+    p.add_argument("--input", nargs="+", action="extend", metavar="PATH",
                      help="local files instead of --dataset: .txt, .txt.gz, .jsonl, .jsonl.gz or .parquet")
-    p.add_argument("--val_input", nargs="+", metavar="PATH",
+    p.add_argument("--val_input", nargs="+", action="extend", metavar="PATH",
                    help="files that make the val split (the source is then all train); default: a seeded split")
     p.add_argument("--separator", choices=["eot", "blankline"], default="eot",
                    help="how .txt documents are separated: a line holding only <|endoftext|> (eot), or "
@@ -167,8 +168,16 @@ def read_parquet(path: str, text_field: str):
     if text_field not in pf.schema_arrow.names:
         raise PrepareError(f"{path} has no column {text_field!r} (it has {pf.schema_arrow.names}); pick one "
                            "with --text_field")
-    for batch in pf.iter_batches(batch_size=4096, columns=[text_field]):
-        for text in batch.column(0).to_pylist():
+    batches = pf.iter_batches(batch_size=4096, columns=[text_field])
+    for first_row in itertools.count(0, 4096):
+        try:
+            batch = next(batches, None)
+            texts = batch.column(0).to_pylist() if batch is not None else []
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
+            raise PrepareError(f"cannot read {path} from row {first_row:,} on: {e}") from None
+        if batch is None:
+            return
+        for text in texts:
             if text is not None and not isinstance(text, str):
                 raise PrepareError(f"{path}: column {text_field!r} holds {type(text).__name__}, not strings")
             yield text or ""
@@ -194,7 +203,8 @@ def check_hub_reachable(timeout: float = 5.0) -> None:
         return  # offline mode: datasets answers from its cache or fails at once by itself
     url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)),
+                                 timeout=timeout).close()
     except OSError as e:
         raise DownloadError(offline_message(f"{url.hostname} is unreachable: {e}")) from None
 
@@ -420,12 +430,21 @@ def check_args(args) -> None:
             raise PrepareError(str(e)) from None
 
 
+def empty_corpus(args) -> PrepareError:
+    return PrepareError(f"the corpus is empty: no documents with text were found in "
+                        f"{', '.join(args.input or [args.dataset])}")
+
+
 def get_tokenizer(args, out: Output, passes) -> Tokenizer:
     if args.vocab_size is None:
         return Tokenizer.gpt2()
     print(f"training a {args.vocab_size:,}-token BPE vocabulary on the train split")
+    texts = train_texts(passes, args)
+    first = next(texts, None)
+    if first is None:
+        raise empty_corpus(args)
     try:
-        tok = Tokenizer.train(train_texts(passes, args), args.vocab_size, special_tokens=[EOT], verbose=True)
+        tok = Tokenizer.train(itertools.chain([first], texts), args.vocab_size, special_tokens=[EOT], verbose=True)
     except ValueError as e:
         raise PrepareError(f"cannot train the vocabulary: {e}") from None
     tok.save(out.tmp_vocab)
@@ -542,11 +561,14 @@ def prepare(args) -> str:
         tok, state = start_or_resume(args, out, passes)
         tokenize_passes(tok, state, out, passes, args)
         if state["splits"]["train"]["documents"] == 0:
-            raise PrepareError("the corpus is empty: no documents with text were found in "
-                               f"{', '.join(args.input or [args.dataset])}")
+            raise empty_corpus(args)
         if state["splits"]["val"]["documents"] == 0 and (args.val_input or args.val_fraction > 0):
+            one_document = (args.separator == "eot" and any(file_kind(path).startswith(".txt")
+                                                            for path in args.input or []))
             raise PrepareError(f"the val split is empty ({state['splits']['train']['documents']} documents in all): "
-                               "give more documents, a larger --val_fraction, or --val_input")
+                               "give more documents, a larger --val_fraction, or --val_input"
+                               + ("; a .txt without lines holding only <|endoftext|> is one document: "
+                                  "--separator=blankline splits it at blank lines" if one_document else ""))
     except PrepareError as e:
         state = out.load_state()
         if isinstance(e, DownloadError) and state and any(p["documents_read"] for p in state["passes"].values()):

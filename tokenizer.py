@@ -18,6 +18,7 @@ tiktoken.load.load_tiktoken_bpe reads too) plus, beside it, <name>.special.json 
 """
 import argparse
 import base64
+import codecs
 import hashlib
 import json
 import os
@@ -174,6 +175,8 @@ class Tokenizer:
             texts_or_paths = [texts_or_paths]
         special_tokens = list(dict.fromkeys(special_tokens))
         num_merges = vocab_size - 256 - len(special_tokens)
+        if vocab_size >= 2**31:
+            raise ValueError(f"vocab_size {vocab_size:,} is too large: at most 2**31 - 1 tokens can be trained")
         if num_merges < 0:
             raise ValueError(f"vocab_size {vocab_size} is too small: the 256 byte tokens and "
                              f"{len(special_tokens)} special tokens alone need {256 + len(special_tokens)}")
@@ -310,15 +313,18 @@ def _read_file_chunks(path, special_tokens, chunk_chars):
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file: {path}")
-    carry = ""
-    with open(path, encoding="utf-8", errors="strict", newline="") as f:
+    carry, decoder, offset = "", codecs.getincrementaldecoder("utf-8")(), 0  # offset: bytes read before this block
+    with open(path, "rb") as f:
         while True:
+            data = f.read(chunk_chars)
+            pending = decoder.getstate()[0]  # the start of a character cut by the previous block
             try:
-                block = f.read(chunk_chars)
+                block = decoder.decode(data, final=not data)
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start} of a block); "
+                raise ValueError(f"{path} is not valid UTF-8 ({e.reason} at byte {offset - len(pending) + e.start:,}); "
                                  "convert it to UTF-8 first") from None
-            if not block:
+            offset += len(data)
+            if not data:
                 break
             text = carry + block
             cut = _safe_cut(text, special_tokens)

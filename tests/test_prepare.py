@@ -146,6 +146,14 @@ def test_several_inputs_and_val_input(tmp_path):
     assert read_docs(out) == {"train": DOCS[:40], "val": DOCS[40:]}
 
 
+def test_input_given_twice_with_equals_keeps_both(tmp_path):
+    a = write_eot_txt(tmp_path / "a.txt", DOCS[:30])
+    b = write_eot_txt(tmp_path / "b.txt", DOCS[30:])
+    args = prepare.build_parser().parse_args([f"--input={a}", f"--input={b}"])
+    assert args.input == [a, b]
+    check_output(prep(tmp_path, f"--input={a}", f"--input={b}"), DOCS)
+
+
 def test_default_name_is_the_input_stem(tmp_path, monkeypatch):
     path = write_eot_txt(tmp_path / "mystories.txt.gz", DOCS)
     monkeypatch.chdir(tmp_path)
@@ -222,6 +230,27 @@ def test_empty_corpus(tmp_path):
     assert "corpus is empty" in error_of(tmp_path, f"--input={path}")
 
 
+def test_empty_corpus_with_vocab_size(tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_text(f"{EOT}\n\n{EOT}\n")
+    assert "corpus is empty" in error_of(tmp_path, f"--input={path}", "--vocab_size=300")
+
+
+def test_one_document_txt_hints_at_blankline(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("\n\n".join(DOCS))
+    assert "--separator=blankline" in error_of(tmp_path, f"--input={path}")
+
+
+def test_unreadable_parquet_rows_are_one_clear_error(tmp_path):
+    path = str(tmp_path / "bad.parquet")
+    text = pa.array([b"fine story", b"bad \xff byte"], pa.binary()).view(pa.string())  # not UTF-8 inside
+    pq.write_table(pa.table({"text": text}), path)
+    message = error_of(tmp_path, f"--input={path}")
+    assert "cannot read" in message and "bad.parquet" in message
+    assert not os.path.exists(tmp_path / "out" / "t" / prepare.STATE_FILE)
+
+
 def test_non_utf8_file_names_the_byte(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("good line\n".encode() + "caf\xe9 au lait\n".encode("latin-1"))
@@ -240,6 +269,7 @@ def test_bad_jsonl_lines_name_the_line(tmp_path):
 def test_vocab_too_large(tmp_path):
     path = write_eot_txt(tmp_path / "stories.txt", DOCS)
     assert "does not fit in uint32" in error_of(tmp_path, f"--input={path}", f"--vocab_size={2**32 + 1}")
+    assert "too large" in error_of(tmp_path, f"--input={path}", f"--vocab_size={2**31}")
     assert "too small" in error_of(tmp_path, f"--input={path}", "--vocab_size=100")
 
 

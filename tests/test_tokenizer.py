@@ -787,13 +787,20 @@ def test_training_from_several_files_and_texts(tmp_path, small_corpus):
         expected.mergeable_ranks
 
 
-@pytest.mark.parametrize("content", [b"hello\n\xff\xfe world\n", b"caf\xe9 au lait\n" * 3, b"ok " * 50_000 + b"\x80",
-                                     "😀".encode()[:3]])
-def test_non_utf8_file_is_a_clear_error(tmp_path, content):
+@pytest.mark.parametrize("content, offset", [(b"hello\n\xff\xfe world\n", 6), (b"caf\xe9 au lait\n" * 3, 3),
+                                             (b"ok " * 50_000 + b"\x80", 150_000), ("😀".encode()[:3], 0)])
+def test_non_utf8_file_is_a_clear_error(tmp_path, content, offset):
     path = tmp_path / "latin1_story.txt"
     path.write_bytes(content)
-    with pytest.raises(ValueError, match=re.escape(str(path))):
+    with pytest.raises(ValueError, match=re.escape(str(path)) + f".*at byte {offset:,}\\)"):
         Tokenizer.train([path], vocab_size=300)
+
+
+def test_non_utf8_offset_counts_from_the_start_of_the_file(tmp_path):
+    path = tmp_path / "late.txt"
+    path.write_bytes("é".encode() * 100 + b"\xff")  # read in 97-byte blocks: an é is cut at each block's end
+    with pytest.raises(ValueError, match="at byte 200\\)"):
+        list(tokenizer_module._read_file_chunks(path, [EOT], 97))
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
