@@ -6,10 +6,11 @@ Settings from config files and the command line, for train.py, sample.py and fin
 A script keeps its settings as plain globals with defaults, then calls
     globals().update(configure(settings_of(globals()), sys.argv[1:]))
 Each argument is either a config file -- plain Python that assigns some of those globals -- or
---key=value (--flag alone sets a boolean to True), applied in order, so later ones win. Values are Python literals (parsed with
-ast.literal_eval; anything that is not a literal is taken as a string) and must have the default's type
-(an int is accepted where a float is expected; None only where the default is None). An unknown key is an
-error that names the closest ones. UPPER_CASE globals are a script's constants, not settings.
+--key=value (--flag alone sets a boolean to True), applied in order, so later ones win. Values are Python
+literals (parsed with ast.literal_eval; anything that is not a literal is taken as a string) and must have
+the default's type (an int is accepted where a float is expected; None only where the default is None).
+An unknown key is an error that names the closest ones. UPPER_CASE globals are a script's constants, not
+settings.
 """
 import ast
 import difflib
@@ -40,6 +41,13 @@ def _assignments(namespace: dict, path: str) -> dict:
                               "str, tuple, list or None")
         settings[key] = value
     return settings
+
+
+def require_positive(**settings):
+    """A ConfigError naming the first of these settings that is not above 0 (a count, an interval)."""
+    for key, value in settings.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value!r} must be positive")
 
 
 def _unknown_key(key, known):

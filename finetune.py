@@ -35,12 +35,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, load_model
 
-from configurator import ConfigError, configure, settings_of
+from configurator import ConfigError, configure, require_positive, settings_of
+from prepare import PrepareError
 from sample import SampleError, find_checkpoint, load_for_inference
 from tokenizer import Tokenizer, atomic_write
 from train import (TrainError, append_log, batch_seed, catch_stop_signals, check_compatible, checkpoint_dir,
                    get_lr, load_training_state, make_optimizer, pick_device, pick_dtype, plot_loss_curve,
-                   save_checkpoint, truncate_log)
+                   release_stop_signals, save_checkpoint, truncate_log)
 
 # --- settings -------------------------------------------------------------------------------------------
 # I/O
@@ -174,6 +175,11 @@ def conversation_of(row, where):
         content = message.get("content")
         if not isinstance(content, str) or not content.strip():
             raise DataError(f"{where}: message {i} ({role}) has empty or missing content")
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{where}: message {i} ({role}) is not valid Unicode text (a lone surrogate escape "
+                            "such as \\ud800)") from None
         if role == "system" and i > 1:
             raise DataError(f"{where}: message {i} is a system message; only the first message may be one")
     if messages[-1]["role"] != "assistant":
@@ -188,8 +194,13 @@ def read_conversations(path):
         raise DataError(f"no data file {path}: write one (see the formats in finetune.py's docstring), or "
                         "generate the TinyStories instructions with `python finetune.py --make_data`")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark may lead the file
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start} of the line); "
+                                "convert the file to UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -273,8 +284,12 @@ def instructions_of(story, rng, budget):
     short = first_sentences(story, ends, budget - 60)  # the prompt takes about 60 characters
     words = story_words(short, rng) if short else None
     if words:
-        rows.append({"prompt": f"Write a story that uses the words: {', '.join(words)}.", "response": short,
-                     "task": "words", "words": words})
+        prompt = f"Write a story that uses the words: {', '.join(words)}."
+        if len(prompt) + len(short) > budget:  # long words: fewer sentences, if they still hold every word
+            short = first_sentences(story, ends, budget - len(prompt))
+            words = words if all(re.search(rf"\b{w}\b", short) for w in words) else None
+    if words:
+        rows.append({"prompt": prompt, "response": short, "task": "words", "words": words})
     first = story[:ends[0]]
     begun = first_sentences(story, ends, budget - len(first) - len("Write a story that begins with: "))
     if len(begun) > len(first):
@@ -511,16 +526,23 @@ def generate_batch(model, prompts, max_new_tokens, stop_token, pad_token, temper
                    generator=None):
     """Replies to prompts (lists of ids) generated together: left-padded into one batch with an attention
     mask, so that each reply is the one its prompt alone would get. [(reply ids, stopped)], each reply cut
-    before stop_token; stopped says whether it came within max_new_tokens (capped to fit block_size)."""
+    before stop_token; stopped says whether it came within max_new_tokens, capped so that prompt and reply
+    fit block_size. The batch stops where its widest prompt runs out of context; a row with a narrower prompt
+    that has not stopped by then goes on alone to its own limit."""
     device = model.lm_head.weight.device
+    block_size = model.config.block_size
+    sampling = dict(temperature=temperature, top_k=top_k, generator=generator, eot_token=stop_token)
     width = max(len(p) for p in prompts)
     idx = torch.tensor([[pad_token] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    max_new_tokens = min(max_new_tokens, model.config.block_size - width)
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
-                         eot_token=stop_token, attention_mask=mask)[:, width:]
+    together = max(0, min(max_new_tokens, block_size - width))
+    out = model.generate(idx, together, attention_mask=mask, **sampling)[:, width:] if together else idx[:, :0]
     replies = []
-    for row in out.tolist():
+    for prompt, row in zip(prompts, out.tolist()):
+        room = min(max_new_tokens, block_size - len(prompt)) - len(row)
+        if stop_token not in row and room > 0:
+            alone = model.generate(torch.tensor([prompt + row], device=device), room, **sampling)
+            row += alone[0, len(prompt) + len(row):].tolist()
         stopped = stop_token in row
         replies.append((row[:row.index(stop_token)] if stopped else row, stopped))
     return replies
@@ -540,13 +562,23 @@ def obeys(row, reply):
     return None
 
 
+def checkable(row):
+    """Whether an instruction row carries what its task's check needs (a user's own rows may not)."""
+    if row.get("task") == "words":
+        words = row.get("words")
+        return isinstance(words, list) and bool(words) and all(isinstance(w, str) for w in words)
+    if row.get("task") == "begins":
+        return isinstance(row.get("begins"), str)
+    return "task" in row
+
+
 def eval_rows(rows, count):
-    """count held-out generated instructions, an equal share of each task, in file order."""
-    tasks = sorted({row["task"] for _, row in rows if "task" in row})
-    if not tasks:
-        return []
-    share = count // len(tasks)
-    return [r for task in tasks for r in [r for r in rows if r[1].get("task") == task][:share]]
+    """count held-out generated instructions in file order, shared out equally among the tasks (the first
+    tasks take one more when count does not divide)."""
+    rows = [r for r in rows if checkable(r[1])]
+    tasks = sorted({str(row["task"]) for _, row in rows})
+    shares = {task: count // len(tasks) + (i < count % len(tasks)) for i, task in enumerate(tasks)}
+    return [r for task in tasks for r in [r for r in rows if str(r[1]["task"]) == task][:shares[task]]]
 
 
 def instruction_eval(model, tok, rows, plain=False):
@@ -559,10 +591,13 @@ def instruction_eval(model, tok, rows, plain=False):
     else:
         prompts = [render_conversation(tok, messages[:-1], generation_prompt=True)[0] for messages, _ in rows]
         stop = tok.special_tokens[IM_END]
-    replies = []
-    for i in range(0, len(prompts), eval_batch_size):
-        replies += generate_batch(model, prompts[i:i + eval_batch_size], model.config.block_size, stop,
-                                  tok.eot_token if tok.eot_token is not None else 0)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # batches of prompts alike in length
+    replies = [None] * len(prompts)
+    for start in range(0, len(order), eval_batch_size):
+        batch = order[start:start + eval_batch_size]
+        for i, reply in zip(batch, generate_batch(model, [prompts[i] for i in batch], model.config.block_size,
+                                                  stop, tok.eot_token if tok.eot_token is not None else 0)):
+            replies[i] = reply
     texts = [tok.decode(ids) for ids, _ in replies]
     summary = {"stopped": sum(stopped for _, stopped in replies) / len(replies)}
     for task in ("words", "begins"):
@@ -607,6 +642,21 @@ def prepare_model(model, base_tok):
     return model, tok, n_base
 
 
+def backward_over(model, batches, scaler, autocast):
+    """Backward of the mean loss over every response token of batches [(x, y)], each batch weighed by its
+    count of response tokens: accumulating the gradients of several batches then equals one batch of them
+    all, however the responses are spread. Returns that mean loss."""
+    counts = [int((y != -100).sum()) for _, y in batches]
+    step_loss = 0.0
+    for (x, y), count in zip(batches, counts):
+        with autocast:
+            _, loss = model(x, y)
+        share = count / sum(counts)
+        scaler.scale(loss * share).backward()
+        step_loss += loss.item() * share
+    return step_loss
+
+
 @torch.no_grad()
 def response_loss(model, examples, split, pad_token, dev, autocast):
     """Mean loss per response token over eval_iters batches of examples, the same batches at every eval."""
@@ -630,18 +680,22 @@ def evaluate_instructions(model, tok, val_examples, val_rows, dev, autocast):
     template (its chat-token rows at their initial mean), the fine-tuned model. A table on stdout, all of it
     and some example replies in out_dir/eval.json."""
     pad_token = tok.eot_token if tok.eot_token is not None else 0
-    base_model, base_tok, _, _ = load_base(base_dir, base_checkpoint, dev)
-    base_chat_model, _, _, _ = load_base(base_dir, base_checkpoint, dev)
+    base_chat_model, base_tok, _, _ = load_base(base_dir, base_checkpoint, dev)
     grow_vocab(base_chat_model, tok.n_vocab)
     losses = {name: response_loss(m, val_examples, "val", pad_token, dev, autocast)
               for name, m in (("base", base_chat_model), ("fine-tuned", model))}
     print(f"val response loss: base {losses['base']:.4f}, fine-tuned {losses['fine-tuned']:.4f}")
     report = {"val_response_loss": losses}
-    rows = eval_rows(val_rows, eval_instructions)
+    block_size = model.config.block_size  # as in training: only conversations whose reference answer fits
+    fitting = [r for r in val_rows if len(render_conversation(tok, r[0])[0]) <= block_size + 1]
+    rows = eval_rows(fitting, eval_instructions) if eval_instructions > 0 else []
     if not rows:
-        print("no generated instructions (rows with a \"task\") in the val data: instruction eval skipped")
+        print("instruction eval skipped: " + ("eval_instructions=0" if eval_instructions <= 0 else
+                                              "no generated instructions (rows with a \"task\") in the val data "
+                                              f"fit the context of {block_size} tokens"))
         atomic_write(os.path.join(out_dir, "eval.json"), json.dumps(report, indent=1).encode())
         return report
+    base_model, _, _, _ = load_base(base_dir, base_checkpoint, dev)
     started = time.time()
     results, replies = {}, {}
     for name, m, t, plain in (("base, plain prompt", base_model, base_tok, True),
@@ -691,6 +745,9 @@ def main():
     torch.manual_seed(seed)
     if init_from not in ("scratch", "resume", "auto"):
         raise ConfigError(f"init_from={init_from!r}: choose scratch, resume or auto")
+    require_positive(batch_size=batch_size, eval_batch_size=eval_batch_size, eval_interval=eval_interval,
+                     eval_iters=eval_iters, log_interval=log_interval,
+                     gradient_accumulation_steps=gradient_accumulation_steps)
     if merge:
         merge_run(dev)
         return
@@ -722,7 +779,7 @@ def main():
     if init_from == "scratch" and has_checkpoint and not eval_only:
         raise FinetuneError(f"{out_dir} already holds a run: continue it with --init_from=resume, evaluate it "
                             "with --eval_only, or pick another --out_dir (nothing was overwritten)")
-    if eval_only and not has_checkpoint:
+    if eval_only and not (has_checkpoint or os.path.isfile(os.path.join(out_dir, "best", "config.json"))):
         raise FinetuneError(f"no fine-tuned checkpoint in {out_dir} to evaluate: fine-tune first")
     if has_checkpoint and not eval_only:
         with open(os.path.join(last, "config.json")) as f:
@@ -778,15 +835,11 @@ def main():
         lr = get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters or max_iters, decay_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss, step_tokens = 0.0, 0
-        for micro in range(gradient_accumulation_steps):
-            g = torch.Generator().manual_seed(batch_seed(seed, "train", iter_num, micro))
-            x, y = get_batch(train_examples, batch_size, g, dev, pad_token)
-            with autocast:
-                _, loss = model(x, y)
-            scaler.scale(loss / gradient_accumulation_steps).backward()
-            step_loss += loss.item() / gradient_accumulation_steps
-            step_tokens += x.numel()
+        batches = [get_batch(train_examples, batch_size,
+                             torch.Generator().manual_seed(batch_seed(seed, "train", iter_num, micro)), dev, pad_token)
+                   for micro in range(gradient_accumulation_steps)]
+        step_loss = backward_over(model, batches, scaler, autocast)
+        step_tokens = sum(x.numel() for x, _ in batches)
         if grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -809,6 +862,7 @@ def main():
                             adapter_tensors(model, n_base) if mode == "lora" else None)
             print(f"stopped at iteration {iter_num}; saved {out_dir}/last. Continue with --init_from=resume")
             return
+    release_stop_signals()
     if not eval_only:
         evaluate_and_save()
     model, tok, _ = load_finetuned(out_dir, "best", dev)  # the best checkpoint, as sample.py will load it
@@ -819,5 +873,5 @@ if __name__ == "__main__":
     try:
         globals().update(configure(settings_of(globals()), sys.argv[1:]))
         main()
-    except (ConfigError, TrainError, SampleError, FinetuneError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, TrainError, SampleError, FinetuneError, PrepareError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_model, save_file, save_model
 
-from configurator import ConfigError, configure, settings_of
+from configurator import ConfigError, configure, require_positive, settings_of
 from data import TokenDataset
 from model import GPT, GPTConfig
 from tokenizer import atomic_write, replace_directory, special_tokens_path
@@ -246,15 +246,17 @@ def append_log(out_dir, record):
         f.write(json.dumps(record) + "\n")
 
 
-def truncate_log(out_dir, after_iter):
-    """On resume, drop log lines of iterations the checkpoint had not reached."""
+def truncate_log(out_dir, resumed_iter):
+    """On resume, drop the log lines of iterations the checkpoint had not reached, and the evaluation at
+    resumed_iter itself, which the resumed run makes again (so the curve gets no doubled point)."""
     path = os.path.join(out_dir, "log.jsonl")
     if not os.path.exists(path):
         return
     with open(path) as f:
-        kept = [line for line in f if json.loads(line)["iter"] <= after_iter]
-    with open(path, "w") as f:
-        f.writelines(kept)
+        records = [(line, json.loads(line)) for line in f]
+    kept = [line for line, r in records
+            if r["iter"] < resumed_iter or (r["iter"] == resumed_iter and "val_loss" not in r)]
+    atomic_write(path, "".join(kept).encode())
 
 
 def plot_loss_curve(out_dir):
@@ -295,6 +297,12 @@ def catch_stop_signals():
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     return stop_signal
+
+
+def release_stop_signals():
+    """After the training loop there is no checkpoint to save first: Ctrl-C and SIGTERM stop at once again."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def compile_or_eager(model, x, y, autocast):
@@ -340,6 +348,9 @@ def main():
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    require_positive(batch_size=batch_size, block_size=block_size, eval_interval=eval_interval,
+                     eval_iters=eval_iters, log_interval=log_interval,
+                     gradient_accumulation_steps=gradient_accumulation_steps)
     if gradient_accumulation_steps % world_size:
         raise ConfigError(f"gradient_accumulation_steps {gradient_accumulation_steps} must be a multiple of "
                           f"the number of processes ({world_size})")
@@ -489,6 +500,7 @@ def main():
                 print(f"stopped at iteration {iter_num}; saved {out_dir}/last. Continue with --init_from=resume")
             break
     else:
+        release_stop_signals()
         evaluate_and_save()
     if ddp:
         # A gloo worker thread frees the tensors of a finished collective a moment after it returns, taking the

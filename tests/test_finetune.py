@@ -5,8 +5,10 @@ base model is refused)."""
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -128,6 +130,31 @@ def test_malformed_rows_name_the_line(tmp_path, line, message):
     assert "data.jsonl:4: " in str(e.value) and message in str(e.value)
 
 
+def test_text_problems_name_the_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    good = '{"prompt": "hi", "response": "hello"}\n'.encode()
+    path.write_bytes(good + '{"prompt": "caf\xe9", "response": "yo"}\n'.encode("latin-1"))
+    with pytest.raises(ft.DataError, match="data.jsonl:2: not valid UTF-8"):
+        ft.read_conversations(str(path))
+    path.write_bytes(good + b'{"prompt": "\\ud800", "response": "yo"}\n')  # JSON escape of a lone surrogate
+    with pytest.raises(ft.DataError, match=r"data.jsonl:2: message 1 \(user\) is not valid Unicode"):
+        ft.read_conversations(str(path))
+    path.write_bytes(b"\xef\xbb\xbf" + good + good)  # a byte-order mark is not an error
+    assert len(ft.read_conversations(str(path))) == 2
+
+
+def test_eval_rows_share_out_the_tasks_and_skip_unusable_rows():
+    good = ([([], {"task": "words", "words": ["dog"]})] * 3 + [([], {"task": "begins", "begins": "Once"})] * 3
+            + [([], {"task": "continue"})] * 3)
+    unusable = [([], {"task": "words"}), ([], {"task": "begins", "begins": 5}), ([], {"other": 1})]
+    rows = unusable + good
+    assert [r["task"] for _, r in ft.eval_rows(rows, 2)] == ["begins", "continue"]  # fewer than the tasks
+    assert [r["task"] for _, r in ft.eval_rows(rows, 7)] == ["begins"] * 3 + ["continue"] * 2 + ["words"] * 2
+    assert ft.eval_rows(rows, 100) == [r for task in ("begins", "continue", "words") for r in good
+                                       if r[1]["task"] == task]
+    assert ft.eval_rows(unusable, 10) == []
+
+
 def test_both_formats_and_the_seeded_split(tmp_path):
     path = tmp_path / "data.jsonl"
     rows = [{"prompt": f"p{i}", "response": f"r{i}", "task": "x"} for i in range(20)]
@@ -157,6 +184,11 @@ def test_instruction_generator(tmp_path):
     assert begins["prompt"] == f"Write a story that begins with: {begins['begins']}"
     assert begins["response"].startswith(begins["begins"]) and ft.obeys(begins, begins["response"])
     assert not ft.obeys(begins, "Once upon a time.") and ft.obeys(cont, "anything") is None
+    long_words = " ".join(["The cat saw extraordinarily magnificent hippopotamuses.", "They photosynthesized "
+                           "wonderfully.", "Everybody applauded.", "The end came quickly."] * 3)
+    for seed in range(20):  # words this long make a longer prompt than the generator first allows for
+        for row in ft.instructions_of(long_words, random.Random(seed), 150):
+            assert len(row["prompt"]) + len(row["response"]) <= 150 and ft.obeys(row, row["response"]) is not False
     first_half = cont["prompt"][len("Continue this story: "):]
     assert story.startswith(first_half) and cont["response"] in story
     # deterministic, and the held-out split is prepare.py's
@@ -301,6 +333,38 @@ def test_left_padded_batch_generation_equals_one_by_one(style):
         model.generate(idx, 40, attention_mask=mask)
 
 
+def test_generate_batch_gives_each_prompt_its_own_room():
+    model = tiny()  # block_size 48
+    prompts = [list(range(1, 41)), [5, 6], [7, 8, 9, 10]]  # the widest leaves 8 tokens, the others 46 and 44
+    alone = [model.generate(torch.tensor([p]), 48 - len(p), temperature=0)[0, len(p):].tolist() for p in prompts]
+    stop = min(set(range(101)) - {t for a in alone for t in a})  # a token none of them makes: none stops
+    replies = ft.generate_batch(model, prompts, 100, stop_token=stop, pad_token=0)
+    assert replies == [(a, False) for a in alone] and [len(a) for a in alone] == [8, 46, 44]
+    assert ft.generate_batch(model, [list(range(48)), [5, 6]], 100, stop, 0) == [([], False), (alone[1], False)]
+
+
+def test_gradient_accumulation_weighs_every_response_token_alike():
+    model = tiny()
+    g = torch.Generator().manual_seed(0)
+
+    def batch(responses):  # rows of 8 positions, the first n of each labelled
+        x = torch.randint(0, 101, (len(responses), 8), generator=g)
+        y = torch.full_like(x, -100)
+        for row, n in enumerate(responses):
+            y[row, :n] = torch.randint(0, 101, (n,), generator=g)
+        return x, y
+    batches = [batch([3, 1]), batch([8, 8, 6])]
+    loss = ft.backward_over(model, batches, torch.amp.GradScaler("cpu", enabled=False), nullcontext())
+    accumulated = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    _, whole = model(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
+    whole.backward()
+    assert loss == pytest.approx(whole.item(), rel=1e-5) and accumulated
+    for name, p in model.named_parameters():
+        if name in accumulated:
+            torch.testing.assert_close(accumulated[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 # --- end to end: a short fine-tune on CPU ---------------------------------------------------------------
 
 TINY_BASE = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=48", "--block_size=96", "--batch_size=8",
@@ -396,7 +460,17 @@ def test_full_finetune_and_clear_errors(base_run, tmp_path):
     proc = run("finetune.py", *FINETUNE, f"--base_dir={base_run / 'base'}", f"--data={bad}", "--val_data=",
                f"--out_dir={tmp_path / 'x'}", check=False)
     assert proc.returncode != 0 and "bad.jsonl:2: the conversation ends with a user message" in proc.stderr
-    assert "Traceback" not in proc.stderr + again.stderr + merge_full.stderr
+    no_stories = run("finetune.py", "--make_data", f"--stories={tmp_path / 'none.txt'}", check=False)
+    assert no_stories.returncode != 0 and "none.txt" in no_stories.stderr
+    zero = run("finetune.py", *FINETUNE, *data, f"--out_dir={tmp_path / 'z'}", "--eval_interval=0", check=False)
+    assert zero.returncode != 0 and "eval_interval=0 must be positive" in zero.stderr
+    assert "Traceback" not in proc.stderr + again.stderr + merge_full.stderr + no_stories.stderr + zero.stderr
+    only_best = tmp_path / "only_best"  # --eval_only evaluates best/, with or without last/
+    shutil.copytree(out, only_best)
+    shutil.rmtree(only_best / "last")
+    evaluated = run("finetune.py", *FINETUNE, *data, f"--out_dir={only_best}", "--mode=full", "--eval_only",
+                    "--eval_instructions=0")
+    assert "val response loss" in evaluated.stdout and "skipped: eval_instructions=0" in evaluated.stdout
 
 
 def test_interrupted_finetune_resumes_to_identical_adapter(base_run, tmp_path):

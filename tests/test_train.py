@@ -123,6 +123,19 @@ def test_interrupted_run_resumes_to_identical_weights(data_dirs, tmp_path):
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert log_records(broken)[-1]["val_loss"] == log_records(straight)[-1]["val_loss"]
+    points = lambda run_dir: [(r["iter"], "val_loss" in r) for r in log_records(run_dir)]  # noqa: E731
+    assert points(broken) == points(straight)  # each iteration and evaluation logged once
+    run("train.py", *common, f"--out_dir={straight}", "--init_from=auto")  # done already: evaluates again
+    assert points(broken) == points(straight)
+
+
+def test_resume_drops_the_log_the_checkpoint_had_not_reached(tmp_path):
+    import train
+    records = [{"iter": 0, "val_loss": 5.0}, {"iter": 1, "loss": 4.0}, {"iter": 2, "loss": 3.9},
+               {"iter": 2, "val_loss": 3.8}, {"iter": 3, "loss": 3.7}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    train.truncate_log(str(tmp_path), 2)  # the run resumes at 2 and evaluates there again
+    assert log_records(str(tmp_path)) == records[:3]
 
 
 def test_two_gloo_processes_train_like_one(data_dirs, tmp_path):
