@@ -651,7 +651,7 @@ def backward_over(model, batches, scaler, autocast):
     for (x, y), count in zip(batches, counts):
         with autocast:
             _, loss = model(x, y)
-        share = count / sum(counts)
+        share = count / sum(counts)  # loss is the mean over this batch's count response tokens
         scaler.scale(loss * share).backward()
         step_loss += loss.item() * share
     return step_loss
