@@ -772,6 +772,7 @@ def main():
                                no_decay=token_row_weights(model).values() if mode == "lora" else ())
 
     iter_num, best_val_loss, tokens_seen = 0, float("inf"), 0
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype_name == "float16")
     last = checkpoint_dir(out_dir, "last")
     has_checkpoint = os.path.isfile(os.path.join(last, "state.pt"))
     if init_from == "resume" and not has_checkpoint:
@@ -792,7 +793,7 @@ def main():
             load_adapter_tensors(model, load_file(os.path.join(last, "adapter.safetensors")), n_base)
         else:
             load_model(model, os.path.join(last, "model.safetensors"))
-        state = load_training_state(last, optimizer)
+        state = load_training_state(last, optimizer, scaler)
         iter_num, best_val_loss, tokens_seen = state["iter_num"], state["best_val_loss"], state["tokens_seen"]
         print(f"resuming from {last} at iteration {iter_num}")
         truncate_log(out_dir, iter_num)
@@ -806,7 +807,8 @@ def main():
 
     def checkpoint_info():
         return {"iter_num": iter_num, "best_val_loss": best_val_loss, "tokens_seen": tokens_seen,
-                "config": dict(run_config, iter_num=iter_num, best_val_loss=best_val_loss)}
+                "scaler": scaler.state_dict(), "config": dict(run_config, iter_num=iter_num,
+                                                              best_val_loss=best_val_loss)}
 
     def evaluate_and_save():
         nonlocal best_val_loss
@@ -827,7 +829,6 @@ def main():
 
     stop_signal = catch_stop_signals()
 
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype_name == "float16")
     t_last = time.time()
     while iter_num < max_iters and not eval_only:
         if iter_num % eval_interval == 0:

@@ -200,7 +200,8 @@ def save_checkpoint(out_dir, kind, model, optimizer, info, adapter=None):
     torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else {}, "iter_num": info["iter_num"],
                 "best_val_loss": info["best_val_loss"], "tokens_seen": info["tokens_seen"],
                 "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0)},
+                "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0),
+                "scaler": info.get("scaler", {})},
                os.path.join(tmp, "state.pt"))
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(info["config"], f, indent=1)
@@ -221,18 +222,21 @@ def check_compatible(saved, current, path):
                          f"(hash {current['tokenizer']['content_hash'][:12]})")
 
 
-def load_checkpoint(path, model, optimizer, run_config):
+def load_checkpoint(path, model, optimizer, run_config, scaler=None):
     with open(os.path.join(path, "config.json")) as f:
         saved = json.load(f)
     check_compatible(saved, run_config, path)
     load_model(model, os.path.join(path, "model.safetensors"))
-    return load_training_state(path, optimizer)
+    return load_training_state(path, optimizer, scaler)
 
 
-def load_training_state(path, optimizer):
-    """Restore the optimizer and RNG from path/state.pt (no pickle); return the state (iter_num, ...)."""
+def load_training_state(path, optimizer, scaler=None):
+    """Restore the optimizer, the RNG and the float16 loss scale from path/state.pt (no pickle); return the
+    state (iter_num, ...)."""
     state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng_cpu"])
     if torch.cuda.is_available() and state["rng_cuda"].numel():
         torch.cuda.set_rng_state(state["rng_cuda"])
@@ -376,8 +380,9 @@ def main():
     if init_from == "scratch" and has_checkpoint and not eval_only:
         raise TrainError(f"{out_dir} already holds a run: continue it with --init_from=resume, "
                          "or pick another --out_dir (nothing was overwritten)")
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype_name == "float16")
     if has_checkpoint and init_from in ("resume", "auto"):
-        state = load_checkpoint(last, model, optimizer, run_config)
+        state = load_checkpoint(last, model, optimizer, run_config, scaler)
         iter_num, best_val_loss, tokens_seen = state["iter_num"], state["best_val_loss"], state["tokens_seen"]
         if master:
             print(f"resuming from {last} at iteration {iter_num}")
@@ -397,7 +402,6 @@ def main():
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype_name == "float16")
     tokens_per_step = batch_size * block_size * gradient_accumulation_steps
     flops_per_step = raw_model.flops_per_token(block_size) * tokens_per_step
     peak = known_peak_flops(device_type, dtype_name)
@@ -423,7 +427,8 @@ def main():
 
     def checkpoint_info():
         return {"iter_num": iter_num, "best_val_loss": best_val_loss, "tokens_seen": tokens_seen,
-                "config": dict(run_config, iter_num=iter_num, best_val_loss=best_val_loss)}
+                "scaler": scaler.state_dict(), "config": dict(run_config, iter_num=iter_num,
+                                                              best_val_loss=best_val_loss)}
 
     def evaluate_and_save():
         nonlocal best_val_loss

@@ -129,6 +129,18 @@ def test_interrupted_run_resumes_to_identical_weights(data_dirs, tmp_path):
     assert points(broken) == points(straight)
 
 
+def test_checkpoint_keeps_the_float16_loss_scale(tmp_path):
+    import train
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
+    info = {"iter_num": 3, "best_val_loss": 1.0, "tokens_seen": 0, "scaler": scaler.state_dict(), "config": {}}
+    train.save_checkpoint(str(tmp_path), "last", model, optimizer, info)
+    resumed = torch.amp.GradScaler("cpu")  # 65536.0 and 2000 by default
+    train.load_training_state(str(tmp_path / "last"), torch.optim.AdamW(model.parameters()), resumed)
+    assert resumed.get_scale() == 1024.0 and resumed.get_growth_interval() == 7
+
+
 def test_resume_drops_the_log_the_checkpoint_had_not_reached(tmp_path):
     import train
     records = [{"iter": 0, "val_loss": 5.0}, {"iter": 1, "loss": 4.0}, {"iter": 2, "loss": 3.9},
