@@ -346,6 +346,7 @@ ref_loss.backward()
 for (name, p), q in zip(model.named_parameters(), reference.parameters()):
     torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=lambda m: name + ": " + m)
 open(f"rank{{rank}}.ok", "w").close()  # a file each: the two processes' prints can interleave
+dist.barrier()  # as train.py: gloo's workers let go of the last collective's tensors before the exit
 dist.destroy_process_group()
 """
 
