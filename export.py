@@ -9,12 +9,14 @@ Export a trained model and its tokenizer to Hugging Face transformers.
 
 A GPT-2-style model (pos=learned, norm=layernorm, mlp=gelu) becomes a GPT2LMHeadModel; a Llama-style one
 (pos=rope, norm=rmsnorm, mlp=swiglu) a LlamaForCausalLM. Other combinations have no transformers class and
-are refused, naming the option. transformers is needed here (and in the tests), not to train or sample.
+are refused, naming the option. A LoRA run of finetune.py is exported with its adapter folded in, and a
+model with the chat tokens gets the chat template (tokenizer.apply_chat_template) and stops generating at
+<|im_end|>. transformers is needed here (and in the tests), not to train or sample.
 """
-import json
 import os
 import shutil
 import sys
+import tempfile
 
 import torch
 
@@ -26,7 +28,7 @@ from tokenizer import EOT, Tokenizer, replace_directory
 out_dir = "out/quickstart"  # the train.py run to export
 checkpoint = "best"  # "best" or "last"
 to = "hf"  # the only format so far: Hugging Face transformers
-dest = "hf_model"  # the directory to write (replaced whole if it exists)
+dest = "hf_model"  # the directory to write (a previous export there is replaced whole)
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -67,7 +69,7 @@ def gpt2_model(model):
         theirs[name] = tensor.contiguous()
     target = hf.state_dict()
     for name in target:
-        if name not in theirs and name.endswith(".bias") and not name.endswith("attn.bias"):
+        if name not in theirs and name.endswith(".bias") and not name.endswith(".attn.bias"):
             theirs[name] = torch.zeros_like(target[name])
     return load_exactly(hf, theirs)
 
@@ -107,7 +109,7 @@ def llama_model(model):
 def load_exactly(hf, state):
     """Load state into hf; every weight of hf must come from our model (buffers excepted)."""
     missing, unexpected = hf.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not m.endswith(("attn.bias", "attn.masked_bias", "rotary_emb.inv_freq"))
+    missing = [m for m in missing if not m.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq"))
                and not (m == "lm_head.weight" and hf.config.tie_word_embeddings)]
     if missing or unexpected:
         raise ExportError(f"weight mapping is incomplete: missing {missing}, unexpected {unexpected}")
@@ -166,25 +168,56 @@ def hf_tokenizer(tok: Tokenizer):
     return hf
 
 
-def export_hf(model, tok: Tokenizer, dest_dir: str, chat_template=None):
-    """Write dest_dir whole or not at all: into a temporary sibling directory, then swapped in."""
+def chat_template(tok: Tokenizer):
+    """finetune.py's ChatML template in Jinja, for a tokenizer with the chat tokens (None without them):
+    tokenizing its text gives render_conversation's ids, unless a message holds a special token's text."""
+    if "<|im_start|>" not in tok.special_tokens or "<|im_end|>" not in tok.special_tokens:
+        return None
+    opening = "{{ '" + EOT + "' }}" if tok.eot_token is not None else ""
+    return (opening + "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
+            "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def check_dest(dest_dir, run_dir=None):
+    """Refuse a dest whose replacement would destroy something other than a previous export."""
+    target = os.path.realpath(dest_dir)
+    protected = ([(run_dir, f"the run {run_dir}")] if run_dir else []) + [(os.getcwd(), "the working directory")]
+    for inside, name in protected:
+        if os.path.commonpath([os.path.realpath(inside), target]) == target:
+            raise ExportError(f"--dest={dest_dir} holds {name}, which exporting there would delete: "
+                              "pick a new directory")
     if os.path.exists(dest_dir) and not os.path.isdir(dest_dir):
         raise ExportError(f"{dest_dir} is a file, not a directory to replace: pick another --dest")
+    previous_export = all(os.path.isfile(os.path.join(dest_dir, f)) for f in ("config.json", "tokenizer.json"))
+    if os.path.isdir(dest_dir) and os.listdir(dest_dir) and not previous_export:
+        raise ExportError(f"{dest_dir} exists and is not an export (no config.json and tokenizer.json): pick "
+                          "another --dest, or empty it first")
+
+
+def export_hf(model, tok: Tokenizer, dest_dir: str, run_dir=None):
+    """Write dest_dir whole or not at all: into a temporary sibling directory, then swapped in."""
+    dest_dir = os.path.normpath(dest_dir)
+    check_dest(dest_dir, run_dir)
     from transformers import PreTrainedTokenizerFast
     hf_model = gpt2_model(model) if architecture(model.config) == "gpt2" else llama_model(model)
-    special = dict(eos_token=EOT, bos_token=EOT, unk_token=None) if EOT in tok.special_tokens else {}
+    special = dict(eos_token=EOT, bos_token=EOT, pad_token=EOT, unk_token=None) if EOT in tok.special_tokens else {}
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=hf_tokenizer(tok), clean_up_tokenization_spaces=False,
-                                     **special)
-    if chat_template:
-        hf_tok.chat_template = chat_template
-    if tok.eot_token is not None:
-        hf_model.generation_config.eos_token_id = tok.eot_token
-        hf_model.generation_config.pad_token_id = tok.eot_token
-    tmp = dest_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    hf_model.save_pretrained(tmp, safe_serialization=True)
-    hf_tok.save_pretrained(tmp)
-    replace_directory(tmp, dest_dir)
+                                     model_max_length=model.config.block_size, **special)
+    hf_tok.chat_template = chat_template(tok)
+    stops = [tok.special_tokens[t] for t in ("<|im_end|>", EOT) if t in tok.special_tokens]
+    if stops:  # a chat reply ends at <|im_end|>, a document at <|endoftext|>
+        hf_model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
+        hf_model.generation_config.pad_token_id = tok.eot_token if tok.eot_token is not None else stops[0]
+    parent = os.path.dirname(os.path.abspath(dest_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(dest_dir)}.tmp")
+    try:
+        hf_model.save_pretrained(tmp, safe_serialization=True)
+        hf_tok.save_pretrained(tmp)
+        replace_directory(tmp, dest_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return hf_model, hf_tok
 
 
@@ -195,10 +228,12 @@ def main():
         import transformers  # noqa: F401
     except ImportError:
         raise ExportError("export needs transformers: pip install transformers") from None
-    model, tok, config = load_for_inference(out_dir, checkpoint)
-    chat_template = config.get("chat_template")
-    export_hf(model, tok, dest, chat_template)
-    print(f"wrote {dest}/ ({architecture(model.config)}: {model.num_params(False) / 1e6:.2f}M parameters, "
+    model, tok, _ = load_for_inference(out_dir, checkpoint)
+    if any(".lora_" in name for name, _ in model.named_parameters()):
+        from finetune import merge_lora
+        merge_lora(model)  # a LoRA run: the base with its adapter folded in
+    export_hf(model, tok, dest, out_dir)
+    print(f"wrote {os.path.normpath(dest)}/ ({architecture(model.config)}: {model.num_params(False) / 1e6:.2f}M parameters, "
           f"{tok.n_vocab:,}-token tokenizer). Load it with transformers.AutoModelForCausalLM.from_pretrained"
           f"({dest!r}) and AutoTokenizer.from_pretrained({dest!r}).")
 
@@ -207,5 +242,5 @@ if __name__ == "__main__":
     try:
         globals().update(configure(settings_of(globals()), sys.argv[1:]))
         main()
-    except (ConfigError, ExportError, SampleError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, ExportError, SampleError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")

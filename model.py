@@ -558,6 +558,8 @@ def sample_next(logits, temperature: float = 1.0, top_k: Optional[int] = None, t
             logits, candidates = torch.sort(logits, descending=True, dim=-1)
         probs = logits.softmax(dim=-1)
         before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above
-        logits = logits.masked_fill(before >= top_p, float("-inf"))  # the most likely token always stays
+        drop = before >= top_p
+        drop[..., 0] = False  # the most likely token always stays, whatever top_p
+        logits = logits.masked_fill(drop, float("-inf"))
     choice = torch.multinomial(logits.softmax(dim=-1), num_samples=1, generator=generator)  # (B, 1)
     return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)

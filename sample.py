@@ -26,7 +26,8 @@ from tokenizer import Tokenizer
 # --- settings -------------------------------------------------------------------------------------------
 out_dir = "out/quickstart"  # a train.py output directory
 checkpoint = "best"  # "best" (lowest val loss) or "last"
-start = ""  # the prompt, or FILE:path to read it from a file; "" starts a fresh document
+start = ""  # the prompt, or FILE:path to read it from a file; "" starts a fresh document. A special token's
+#             text (<|endoftext|>) in it is that token; in a --chat message it is plain text
 num_samples = 3
 max_new_tokens = 256
 temperature = 0.8  # 0: greedy
@@ -78,6 +79,10 @@ def find_checkpoint(run_dir, which="best"):
         path = os.path.join(run_dir, "last")
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
+        present = sorted(d for d in os.listdir(run_dir) if os.path.isfile(os.path.join(run_dir, d, "config.json"))
+                         ) if os.path.isdir(run_dir) else []
+        if present:
+            raise SampleError(f"no checkpoint {which!r} in {run_dir}; it has {', '.join(present)}")
         raise SampleError(f"no checkpoint in {run_dir}: train one with `python train.py ...` "
                           f"(looked for {config_path})")
     return path
@@ -103,10 +108,27 @@ def load_for_inference(run_dir, which="best", map_device="cpu"):
 
 
 def read_prompt(text):
-    if text.startswith("FILE:"):
+    if not text.startswith("FILE:"):
+        return text
+    try:
         with open(text[5:], encoding="utf-8") as f:
             return f.read()
-    return text
+    except (OSError, UnicodeDecodeError) as e:
+        raise SampleError(f"cannot read the prompt file {text[5:]}: {e}") from None
+
+
+def check_sampling_settings(vocab_size):
+    """One clear error for settings that sampling cannot use."""
+    if temperature < 0:
+        raise SampleError(f"temperature={temperature} must be 0 (greedy) or more")
+    if top_k < 0:
+        raise SampleError(f"top_k={top_k} must be 0 (off) or more")
+    if not 0 < top_p <= 1:
+        raise SampleError(f"top_p={top_p} must be in (0, 1]")
+    if not 1 <= show_top <= vocab_size:
+        raise SampleError(f"show_top={show_top} must be in [1, {vocab_size}] (the vocabulary)")
+    if chat and show_probs and not start:
+        raise SampleError("--chat --show_probs needs --start: the user message to show the reply's first token for")
 
 
 def prompt_ids(tok, text):
@@ -218,9 +240,12 @@ def main():
         # layer instead of three, and the C++ decoding step applies
         from finetune import merge_lora
         merge_lora(model)
+    check_sampling_settings(model.config.vocab_size)
     model.pack_weights_()  # faster decoding on the CPU: the weights in one huge-page block
     prompt = read_prompt(start)
-    ids = chat_messages(tok, [{"role": "user", "content": prompt}]) if chat and prompt else prompt_ids(tok, prompt)
+    opening = [{"role": "system", "content": system}] if system else []
+    ids = (chat_messages(tok, opening + [{"role": "user", "content": prompt}]) if chat and prompt
+           else prompt_ids(tok, prompt))
     if show_probs:
         print(f"next-token probabilities after {prompt!r}:")
         print(f"  {'token':<16} {'id':>6} {'probability':>12} {'log-prob':>9}")
@@ -243,5 +268,9 @@ if __name__ == "__main__":
     try:
         globals().update(configure(settings_of(globals()), sys.argv[1:]))
         main()
-    except (ConfigError, SampleError, FileNotFoundError, ValueError) as e:
+    except BrokenPipeError:  # `python sample.py | head`: the reader has gone, which is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (ConfigError, SampleError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -10,7 +10,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from export import ExportError, architecture, export_hf  # noqa: E402
+import finetune  # noqa: E402
+from export import ExportError, architecture, check_dest, export_hf, gpt2_model, load_exactly  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -69,6 +70,49 @@ def test_exported_tokenizers_give_our_ids(gpt2_tok, tmp_path):
         assert hf_tok(text)["input_ids"] == tok.encode(text, allowed_special="all")
         assert hf_tok.decode(tok.encode(text[:5000], allowed_special="all")) == text[:5000]
         assert hf_tok.eos_token == "<|endoftext|>"
+
+
+def test_chat_template_gives_our_ids_and_generation_stops_at_im_end(gpt2_tok, tmp_path):
+    tok = finetune.add_chat_tokens(gpt2_tok)
+    hf_model, _ = export_hf(random_model(tok.n_vocab), tok, str(tmp_path / "hf"))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there!\n  A dog?"},
+                    {"role": "assistant", "content": " Once upon a time,\n\na dog. "}, {"role": "user", "content": "More"}]
+    for messages, prompt in ((conversation, True), (conversation[:3], False)):
+        ours = finetune.render_conversation(tok, messages, generation_prompt=prompt)[0]
+        theirs = hf_tok.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=True, return_dict=False)
+        assert list(theirs) == ours
+    assert hf_model.generation_config.eos_token_id == [tok.special_tokens["<|im_end|>"], tok.eot_token]
+    assert hf_tok.model_max_length == 96 and hf_tok.pad_token == "<|endoftext|>"
+    export_hf(random_model(gpt2_tok.n_vocab), gpt2_tok, str(tmp_path / "plain"))  # no chat tokens: no template
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "plain")).chat_template is None
+
+
+def test_a_missing_weight_is_never_masked(gpt2_tok):
+    hf = gpt2_model(random_model(gpt2_tok.n_vocab))  # no biases of ours: GPT-2's are zeros
+    state = dict(hf.state_dict())
+    assert not state.pop("transformer.h.0.attn.c_attn.bias").any()
+    with pytest.raises(ExportError, match=r"missing \['transformer.h.0.attn.c_attn.bias'\]"):
+        load_exactly(gpt2_model(random_model(gpt2_tok.n_vocab)), state)
+
+
+def test_dest_that_would_delete_other_things_is_refused(tmp_path, monkeypatch):
+    run_dir = tmp_path / "runs" / "quickstart"
+    (run_dir / "best").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "runs")
+    for dest, reason in ((run_dir, "holds the run"), (tmp_path / "runs", "holds the run"), (".", "holds the run"),
+                         (tmp_path, "holds the run")):
+        with pytest.raises(ExportError, match=reason):
+            check_dest(str(dest), str(run_dir))
+    with pytest.raises(ExportError, match="holds the working directory"):
+        check_dest(str(tmp_path))
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep")
+    with pytest.raises(ExportError, match="is not an export"):
+        check_dest(str(notes), str(run_dir))
+    check_dest(str(tmp_path / "new"), str(run_dir))  # a new directory, or an empty one, is fine
+    assert (run_dir / "best").is_dir() and (notes / "todo.txt").read_text() == "keep"
 
 
 def test_layouts_without_an_equivalent_are_refused():

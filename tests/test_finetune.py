@@ -423,8 +423,21 @@ def test_short_finetune_learns_and_loads_everywhere(base_run, tmp_path):
     run("finetune.py", f"--out_dir={out}", "--merge", "--device=cpu")
     merged = probability_rows(run("sample.py", f"--out_dir={out}", "--checkpoint=merged", *ask, *table).stdout)
     assert lora == based and len(lora) == 5
+    briefly = probability_rows(run("sample.py", f"--out_dir={out}", *ask, *table, "--system=Be brief.").stdout)
+    assert briefly != lora  # the system message is part of the context the table is for
     assert [i for i, _ in merged] == [i for i, _ in lora]
     assert all(abs(p - q) < 2e-4 for (_, p), (_, q) in zip(merged, lora))
+    # export.py folds the adapter in, and the exported chat template gives the same prompt and probabilities
+    transformers = pytest.importorskip("transformers")
+    run("export.py", f"--out_dir={out}", f"--dest={tmp_path / 'hf'}")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    messages = [{"role": "user", "content": "Write a story that uses the words: dog, ball, sun."}]
+    ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert list(ids) == ft.render_conversation(chat_tok, messages, generation_prompt=True)[0]
+    with torch.no_grad():
+        probs = hf(torch.tensor([list(ids)])).logits[0, -1].softmax(-1)
+    assert all(abs(probs[i].item() - p) < 2e-4 for i, p in lora)
     not_chat = run("sample.py", f"--out_dir={base_run / 'base'}", *ask, check=False)
     assert not_chat.returncode != 0 and "no chat tokens" in not_chat.stderr
 

@@ -110,6 +110,7 @@ def test_greedy_and_filters():
     assert draws(top_p=0.4) == {1}
     assert draws(top_p=0.75) == {1, 2, 3}
     assert draws(top_p=0.01) == {1}
+    assert draws(top_p=0.0) == {1}  # the most likely token stays even then
 
 
 # --- configurator ---------------------------------------------------------------------------------------

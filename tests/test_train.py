@@ -107,6 +107,12 @@ def test_loss_falls_and_outputs_are_written(data_dirs, tmp_path):
     assert len(rows) == 5 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1
     missing = run("sample.py", f"--out_dir={tmp_path / 'nothing'}", check=False)
     assert missing.returncode != 0 and "no checkpoint" in missing.stderr and "Traceback" not in missing.stderr
+    for option, message in (("--temperature=-1", "temperature=-1"), ("--top_p=0", "top_p=0"),
+                            ("--top_k=-5", "top_k=-5"), ("--show_top=100000", "show_top=100000"),
+                            (f"--start=FILE:{tmp_path}", "cannot read the prompt file"),
+                            ("--checkpoint=bets", "no checkpoint 'bets'")):
+        bad = run("sample.py", f"--out_dir={out}", option, "--show_probs", check=False)
+        assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 
 def test_interrupted_run_resumes_to_identical_weights(data_dirs, tmp_path):
