@@ -164,18 +164,23 @@ class TokenDataset:
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"no meta.json in {data_dir}: run prepare.py first (e.g. `python prepare.py "
                                     "--dataset=bundled` writes data/bundled)")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
-        self.n_vocab = self.meta["n_vocab"]
-        self.eot_token = self.meta["eot_token"]
-        self.dtype = np.dtype(self.meta["dtype"])
+        try:
+            with open(meta_path) as f:
+                self.meta = json.load(f)
+            self.n_vocab = self.meta["n_vocab"]
+            self.eot_token = self.meta["eot_token"]
+            self.dtype = np.dtype(self.meta["dtype"])
+            splits = {split: (info["file"], info["tokens"]) for split, info in self.meta["splits"].items()}
+        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{meta_path} is not a meta.json of prepare.py ({type(e).__name__}: {e}): "
+                             "re-run prepare.py") from None
         self.splits = {}
-        for split, info in self.meta["splits"].items():
-            path = os.path.join(data_dir, info["file"])
+        for split, (file, n_tokens) in splits.items():
+            path = os.path.join(data_dir, file)
             header = read_header(path)
-            if header.dtype != self.dtype or header.n_tokens != info["tokens"]:
+            if header.dtype != self.dtype or header.n_tokens != n_tokens:
                 raise ValueError(f"{path} holds {header.n_tokens:,} {header.dtype} tokens but meta.json says "
-                                 f"{info['tokens']:,} {self.dtype}: the directory mixes two prepare runs; "
+                                 f"{n_tokens:,} {self.dtype}: the directory mixes two prepare runs; "
                                  "re-run prepare.py")
             self.splits[split] = open_tokens(path)
         if tokenizer is not None:

@@ -51,6 +51,11 @@ class GPTConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r}: choose one of {allowed}")
+        for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
@@ -370,10 +375,15 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: Optional[int] = None) -> int:
-        """Training FLOPs per token (forward + backward): 6 per parameter plus attention's
+        """Training FLOPs per token (forward + backward): 6 per parameter that multiplies (the embedding
+        tables are looked up, not multiplied, unless wte is also the output projection) plus attention's
         12 * n_layer * n_embd * T (the PaLM paper's estimate)."""
         T = seq_len or self.config.block_size
-        return 6 * self.num_params(non_embedding=False) + 12 * self.config.n_layer * self.config.n_embd * T
+        looked_up = 0 if self.config.tie_embeddings else self.transformer.wte.weight.numel()
+        if self.config.pos == "learned":
+            looked_up += self.transformer.wpe.weight.numel()
+        multiplying = self.num_params(non_embedding=False) - looked_up
+        return 6 * multiplying + 12 * self.config.n_layer * self.config.n_embd * T
 
     def hidden_states(self, idx, caches: Optional[List[KVCache]] = None, start: int = 0, attention_mask=None):
         """Final-norm hidden states (B, T, C) of tokens idx (B, T) sitting at positions start, start+1, ...

@@ -187,6 +187,19 @@ def test_missing_meta_says_run_prepare(tmp_path):
         TokenDataset(str(tmp_path))
 
 
+def test_broken_meta_is_one_clear_error(tmp_path, gpt2):
+    d = make_dataset(tmp_path / "d", np.arange(100), np.arange(100), tokenizer=gpt2)
+    meta_path = os.path.join(d, "meta.json")
+    meta = json.load(open(meta_path))
+    del meta["splits"]["val"]["tokens"]
+    json.dump(meta, open(meta_path, "w"))
+    with pytest.raises(ValueError, match="meta.json is not a meta.json of prepare.py.*KeyError"):
+        TokenDataset(d)
+    open(meta_path, "w").write('{"n_vocab": 50257,')
+    with pytest.raises(ValueError, match="meta.json is not a meta.json of prepare.py.*JSONDecodeError"):
+        TokenDataset(d)
+
+
 def test_meta_disagreeing_with_the_files_is_refused(tmp_path, gpt2):
     d = make_dataset(tmp_path / "d", np.arange(100), np.arange(100), tokenizer=gpt2)
     write_tokens(os.path.join(d, "val.bin"), np.arange(50), np.uint16)  # another run's file

@@ -49,7 +49,9 @@ def test_param_count_by_hand():
     assert model.num_params() == total - 101 * C - 16 * C
     untied = tiny(tie_embeddings=False)
     assert untied.num_params(non_embedding=False) == total + 101 * C
-    assert model.flops_per_token(16) == 6 * total + 12 * 2 * C * 16
+    # 6 FLOPs per multiplying parameter: wpe is looked up; tied, wte is also the output projection
+    assert model.flops_per_token(16) == 6 * (total - 16 * C) + 12 * 2 * C * 16
+    assert untied.flops_per_token(16) == model.flops_per_token(16)  # its own lm_head; wte only looked up
 
 
 def test_bad_config_values():
@@ -57,6 +59,10 @@ def test_bad_config_values():
         GPTConfig(pos="alibi")
     with pytest.raises(ValueError, match="divisible"):
         GPTConfig(n_embd=30, n_head=4)
+    for bad, message in ((dict(n_head=0), "n_head=0 must be positive"), (dict(n_embd=-16), "n_embd=-16"),
+                         (dict(n_layer=-1), "n_layer=-1"), (dict(dropout=1.0), r"dropout=1.0 must be in \[0, 1\)")):
+        with pytest.raises(ValueError, match=message):
+            GPTConfig(**bad)
     model = tiny()
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 17, dtype=torch.long))
