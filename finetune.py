@@ -796,7 +796,9 @@ def main():
         state = load_training_state(last, optimizer, scaler)
         iter_num, best_val_loss, tokens_seen = state["iter_num"], state["best_val_loss"], state["tokens_seen"]
         print(f"resuming from {last} at iteration {iter_num}")
-        truncate_log(out_dir, iter_num)
+        truncate_log(out_dir, iter_num, evaluates_again=iter_num % eval_interval == 0 or iter_num >= max_iters)
+    elif not eval_only:
+        truncate_log(out_dir, 0)  # a fresh run: the log of one that left no checkpoint goes
     os.makedirs(out_dir, exist_ok=True)
     tok.save(os.path.join(out_dir, "tokenizer.tiktoken"))
     trainable = (sum(t.numel() for t in adapter_tensors(model, n_base).values()) if mode == "lora"
@@ -829,10 +831,11 @@ def main():
 
     stop_signal = catch_stop_signals()
 
-    t_last = time.time()
+    step_seconds, steps_timed = 0.0, 0  # since the last log line, evaluations left out
     while iter_num < max_iters and not eval_only:
         if iter_num % eval_interval == 0:
             evaluate_and_save()
+        step_started = time.time()
         lr = get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters or max_iters, decay_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -847,17 +850,17 @@ def main():
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        step_seconds, steps_timed = step_seconds + time.time() - step_started, steps_timed + 1
         if not math.isfinite(step_loss):
             raise FinetuneError(f"the loss is {step_loss} at iteration {iter_num}: fine-tuning diverged. Resume "
                                 f"from the last checkpoint with a lower learning_rate (now {learning_rate})")
         iter_num += 1
         tokens_seen += step_tokens
         if iter_num % log_interval == 0 or iter_num == max_iters:
-            elapsed, t_last = time.time() - t_last, time.time()
-            steps = log_interval if iter_num % log_interval == 0 else iter_num % log_interval
-            print(f"iter {iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, {1000 * elapsed / steps:.0f} ms/iter")
-            append_log(out_dir, {"iter": iter_num, "tokens": tokens_seen, "loss": step_loss, "lr": lr,
-                                 "ms": 1000 * elapsed / steps})
+            ms = 1000 * step_seconds / steps_timed
+            step_seconds, steps_timed = 0.0, 0
+            print(f"iter {iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, {ms:.0f} ms/iter")
+            append_log(out_dir, {"iter": iter_num, "tokens": tokens_seen, "loss": step_loss, "lr": lr, "ms": ms})
         if stop_signal:
             save_checkpoint(out_dir, "last", model, optimizer, checkpoint_info(),
                             adapter_tensors(model, n_base) if mode == "lora" else None)

@@ -15,6 +15,7 @@ import importlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -193,19 +194,25 @@ def save_checkpoint(out_dir, kind, model, optimizer, info, adapter=None):
     The model goes to model.safetensors; or, given an adapter (a dict of tensors: finetune.py's LoRA weights),
     only the adapter goes, to adapter.safetensors. optimizer None: a checkpoint to sample from, not to resume."""
     tmp = tempfile.mkdtemp(dir=out_dir, prefix=f".{kind}.tmp")
-    if adapter is None:
-        save_model(model, os.path.join(tmp, "model.safetensors"))
-    else:
-        save_file(adapter, os.path.join(tmp, "adapter.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else {}, "iter_num": info["iter_num"],
-                "best_val_loss": info["best_val_loss"], "tokens_seen": info["tokens_seen"],
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0),
-                "scaler": info.get("scaler", {})},
-               os.path.join(tmp, "state.pt"))
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(info["config"], f, indent=1)
-    replace_directory(tmp, os.path.join(out_dir, kind))
+    try:
+        if adapter is None:
+            save_model(model, os.path.join(tmp, "model.safetensors"))
+        else:
+            save_file(adapter, os.path.join(tmp, "adapter.safetensors"))
+        rng_cpu, rng_cuda = rng_state()
+        ranks = info.get("rng_ranks", [])  # under DDP: every process's, so that each resumes from its own
+        torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else {},
+                    "iter_num": info["iter_num"], "best_val_loss": info["best_val_loss"],
+                    "tokens_seen": info["tokens_seen"], "rng_cpu": rng_cpu, "rng_cuda": rng_cuda,
+                    "rng_cpu_ranks": [cpu for cpu, _ in ranks], "rng_cuda_ranks": [cuda for _, cuda in ranks],
+                    "scaler": info.get("scaler", {})},
+                   os.path.join(tmp, "state.pt"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(info["config"], f, indent=1)
+        replace_directory(tmp, os.path.join(out_dir, kind))
+    except BaseException:  # an error or a second Ctrl-C: no stray temporary checkpoint is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def check_compatible(saved, current, path):
@@ -222,24 +229,36 @@ def check_compatible(saved, current, path):
                          f"(hash {current['tokenizer']['content_hash'][:12]})")
 
 
-def load_checkpoint(path, model, optimizer, run_config, scaler=None):
+def load_checkpoint(path, model, optimizer, run_config, scaler=None, rank=0):
     with open(os.path.join(path, "config.json")) as f:
         saved = json.load(f)
     check_compatible(saved, run_config, path)
     load_model(model, os.path.join(path, "model.safetensors"))
-    return load_training_state(path, optimizer, scaler)
+    return load_training_state(path, optimizer, scaler, rank)
 
 
-def load_training_state(path, optimizer, scaler=None):
-    """Restore the optimizer, the RNG and the float16 loss scale from path/state.pt (no pickle); return the
-    state (iter_num, ...)."""
+def rng_state():
+    """(CPU, CUDA) random-number generator states of this process."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0)
+
+
+def load_training_state(path, optimizer, scaler=None, rank=0):
+    """Restore the optimizer, the float16 loss scale and process rank's RNG from path/state.pt (no pickle);
+    return the state (iter_num, ...). A process the checkpoint has no RNG of (more processes than saved it)
+    keeps its own seeded one."""
     state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng_cpu"])
-    if torch.cuda.is_available() and state["rng_cuda"].numel():
-        torch.cuda.set_rng_state(state["rng_cuda"])
+    if rank < len(state.get("rng_cpu_ranks", [])):
+        rng_cpu, rng_cuda = state["rng_cpu_ranks"][rank], state["rng_cuda_ranks"][rank]
+    elif rank == 0:
+        rng_cpu, rng_cuda = state["rng_cpu"], state["rng_cuda"]
+    else:
+        return state
+    torch.set_rng_state(rng_cpu)
+    if torch.cuda.is_available() and rng_cuda.numel():
+        torch.cuda.set_rng_state(rng_cuda)
     return state
 
 
@@ -250,17 +269,30 @@ def append_log(out_dir, record):
         f.write(json.dumps(record) + "\n")
 
 
-def truncate_log(out_dir, resumed_iter):
-    """On resume, drop the log lines of iterations the checkpoint had not reached, and the evaluation at
-    resumed_iter itself, which the resumed run makes again (so the curve gets no doubled point)."""
+def read_log(out_dir):
+    """The records of out_dir/log.jsonl; a line cut short (a crash, a full disk) is skipped with a warning."""
+    path = os.path.join(out_dir, "log.jsonl")
+    records = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for lineno, line in enumerate(f, 1):
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    print(f"warning: {path}:{lineno} is not a log record; skipped", file=sys.stderr)
+    return records
+
+
+def truncate_log(out_dir, resumed_iter, evaluates_again=True):
+    """On resume, drop the log records of iterations the checkpoint had not reached, and the evaluation at
+    resumed_iter itself when the resumed run makes it again (so the curve gets no doubled point).
+    resumed_iter 0: a run starting afresh, whose log starts empty."""
     path = os.path.join(out_dir, "log.jsonl")
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        records = [(line, json.loads(line)) for line in f]
-    kept = [line for line, r in records
-            if r["iter"] < resumed_iter or (r["iter"] == resumed_iter and "val_loss" not in r)]
-    atomic_write(path, "".join(kept).encode())
+    kept = [r for r in read_log(out_dir) if r["iter"] < resumed_iter or
+            (r["iter"] == resumed_iter and not (evaluates_again and "val_loss" in r))]
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
 
 def plot_loss_curve(out_dir):
@@ -268,8 +300,7 @@ def plot_loss_curve(out_dir):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        records = [json.loads(line) for line in f]
+    records = read_log(out_dir)
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -355,6 +386,9 @@ def main():
     require_positive(batch_size=batch_size, block_size=block_size, eval_interval=eval_interval,
                      eval_iters=eval_iters, log_interval=log_interval,
                      gradient_accumulation_steps=gradient_accumulation_steps)
+    for key, value in (("max_iters", max_iters), ("warmup_iters", warmup_iters), ("lr_decay_iters", lr_decay_iters)):
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be 0 or more")
     if gradient_accumulation_steps % world_size:
         raise ConfigError(f"gradient_accumulation_steps {gradient_accumulation_steps} must be a multiple of "
                           f"the number of processes ({world_size})")
@@ -380,13 +414,17 @@ def main():
     if init_from == "scratch" and has_checkpoint and not eval_only:
         raise TrainError(f"{out_dir} already holds a run: continue it with --init_from=resume, "
                          "or pick another --out_dir (nothing was overwritten)")
+    if eval_only and not has_checkpoint:
+        raise TrainError(f"no checkpoint in {out_dir} to evaluate: train first")
     scaler = torch.amp.GradScaler(device_type, enabled=dtype_name == "float16")
-    if has_checkpoint and init_from in ("resume", "auto"):
-        state = load_checkpoint(last, model, optimizer, run_config, scaler)
+    if has_checkpoint and (init_from in ("resume", "auto") or eval_only):
+        state = load_checkpoint(last, model, optimizer, run_config, scaler, rank)
         iter_num, best_val_loss, tokens_seen = state["iter_num"], state["best_val_loss"], state["tokens_seen"]
-        if master:
+        if master and not eval_only:
             print(f"resuming from {last} at iteration {iter_num}")
-            truncate_log(out_dir, iter_num)
+            truncate_log(out_dir, iter_num, evaluates_again=iter_num % eval_interval == 0 or iter_num >= max_iters)
+    elif master:
+        truncate_log(out_dir, 0)  # a fresh run: the log of one that left no checkpoint goes
     if master:
         os.makedirs(out_dir, exist_ok=True)
         copy_tokenizer(meta, data_dir, out_dir)
@@ -430,22 +468,31 @@ def main():
                 "scaler": scaler.state_dict(), "config": dict(run_config, iter_num=iter_num,
                                                               best_val_loss=best_val_loss)}
 
+    def gathered_rng():
+        """Every process's RNG states (a collective: all processes call it), for the checkpoint."""
+        if not ddp:
+            return [rng_state()]
+        states = [None] * world_size
+        dist.all_gather_object(states, rng_state())
+        return states
+
     def evaluate_and_save():
         nonlocal best_val_loss
         losses = estimate_loss()
+        rng_ranks = gathered_rng() if not eval_only else []
         if not master:
             return
         bpb = bits_per_byte(losses["val"], meta["splits"]["val"])
         print(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
               f"val {bpb:.4f} bits/byte")
+        if eval_only:  # the run's log and checkpoints are left as they are
+            return
         append_log(out_dir, {"iter": iter_num, "tokens": tokens_seen, "train_loss": losses["train"],
                     "val_loss": losses["val"], "val_bpb": bpb})
-        if eval_only:
-            return
         if losses["val"] < best_val_loss:
             best_val_loss = losses["val"]
-            save_checkpoint(out_dir, "best", raw_model, optimizer, checkpoint_info())
-        save_checkpoint(out_dir, "last", raw_model, optimizer, checkpoint_info())
+            save_checkpoint(out_dir, "best", raw_model, optimizer, dict(checkpoint_info(), rng_ranks=rng_ranks))
+        save_checkpoint(out_dir, "last", raw_model, optimizer, dict(checkpoint_info(), rng_ranks=rng_ranks))
         plot_loss_curve(out_dir)
 
     stop_signal = catch_stop_signals()
@@ -454,10 +501,11 @@ def main():
         evaluate_and_save()
         return
     model.train()
-    t_last = time.time()
+    step_seconds, steps_timed = 0.0, 0  # since the last log line, evaluations left out
     while iter_num < max_iters:
         if iter_num % eval_interval == 0:
             evaluate_and_save()
+        step_started = time.time()
         lr = get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters or max_iters, decay_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -480,18 +528,17 @@ def main():
         if ddp:
             dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
         loss_value = step_loss.item()
+        step_seconds, steps_timed = step_seconds + time.time() - step_started, steps_timed + 1
         if not math.isfinite(loss_value):
             raise TrainError(f"the loss is {loss_value} at iteration {iter_num}: training diverged. Resume from "
                              f"the last checkpoint with a lower learning_rate (now {learning_rate}) or grad_clip")
         iter_num += 1
         tokens_seen += tokens_per_step
         if master and (iter_num % log_interval == 0 or iter_num == max_iters):
-            elapsed = time.time() - t_last
-            steps = log_interval if iter_num % log_interval == 0 else iter_num % log_interval
-            t_last = time.time()
-            ms = 1000 * elapsed / steps
-            tok_s = tokens_per_step / (elapsed / steps)
-            mfu = flops_per_step / (elapsed / steps) / peak if peak else None
+            per_step = step_seconds / steps_timed
+            step_seconds, steps_timed = 0.0, 0
+            ms, tok_s = 1000 * per_step, tokens_per_step / per_step
+            mfu = flops_per_step / per_step / peak if peak else None
             print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {ms:.0f} ms/iter, {tok_s:,.0f} tok/s"
                   + (f", MFU {100 * mfu:.1f}%" if mfu is not None else ""))
             append_log(out_dir, {"iter": iter_num, "tokens": tokens_seen, "loss": loss_value, "lr": lr, "ms": ms,
@@ -500,8 +547,9 @@ def main():
         if ddp:
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         if stop.item():
+            rng_ranks = gathered_rng()
             if master:
-                save_checkpoint(out_dir, "last", raw_model, optimizer, checkpoint_info())
+                save_checkpoint(out_dir, "last", raw_model, optimizer, dict(checkpoint_info(), rng_ranks=rng_ranks))
                 print(f"stopped at iteration {iter_num}; saved {out_dir}/last. Continue with --init_from=resume")
             break
     else:

@@ -88,6 +88,14 @@ def test_loss_falls_and_outputs_are_written(data_dirs, tmp_path):
     # the state file loads without pickle
     state = torch.load(os.path.join(out, "last", "state.pt"), weights_only=True)
     assert state["iter_num"] == 60
+    # --eval_only evaluates the checkpoint (not fresh weights) and leaves the log alone
+    before = log_records(out)
+    evaluated = run("train.py", *TINY, f"--data_dir={data_dirs[0]}", f"--out_dir={out}", "--eval_only")
+    assert f"iter 60: train loss {evals[-1]['train_loss']:.4f}, val loss {evals[-1]['val_loss']:.4f}" in evaluated.stdout
+    assert log_records(out) == before
+    nothing = run("train.py", *TINY, f"--data_dir={data_dirs[0]}", f"--out_dir={tmp_path / 'none'}", "--eval_only",
+                  check=False)
+    assert nothing.returncode != 0 and "no checkpoint" in nothing.stderr
 
     # sample.py: text, the probability table, and clear errors
     text = run("sample.py", f"--out_dir={out}", "--start=Once upon a time", "--num_samples=2",
@@ -147,13 +155,48 @@ def test_checkpoint_keeps_the_float16_loss_scale(tmp_path):
     assert resumed.get_scale() == 1024.0 and resumed.get_growth_interval() == 7
 
 
-def test_resume_drops_the_log_the_checkpoint_had_not_reached(tmp_path):
+def test_resume_drops_the_log_the_checkpoint_had_not_reached(tmp_path, capsys):
     import train
     records = [{"iter": 0, "val_loss": 5.0}, {"iter": 1, "loss": 4.0}, {"iter": 2, "loss": 3.9},
                {"iter": 2, "val_loss": 3.8}, {"iter": 3, "loss": 3.7}]
-    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    train.truncate_log(str(tmp_path), 2)  # the run resumes at 2 and evaluates there again
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in records[:3]) + '{"iter": 2, "lo\n' +
+                   "".join(json.dumps(r) + "\n" for r in records[3:]))  # a line cut short by a crash
+    train.truncate_log(str(tmp_path), 2, evaluates_again=False)  # resumes at 2, extended: no evaluation there
+    assert log_records(str(tmp_path)) == records[:4] and "log.jsonl:4 is not a log record" in capsys.readouterr().err
+    train.truncate_log(str(tmp_path), 2)  # resumes at 2 and evaluates there again
     assert log_records(str(tmp_path)) == records[:3]
+    train.truncate_log(str(tmp_path), 0)  # a fresh start
+    assert log_records(str(tmp_path)) == []
+
+
+def test_a_failed_checkpoint_leaves_no_temporary_directory(tmp_path, monkeypatch):
+    import train
+
+    def full_disk(tmp, final):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(train, "replace_directory", full_disk)
+    model = torch.nn.Linear(2, 2)
+    info = {"iter_num": 3, "best_val_loss": 1.0, "tokens_seen": 0, "config": {}}
+    with pytest.raises(OSError, match="No space left"):
+        train.save_checkpoint(str(tmp_path), "last", model, torch.optim.AdamW(model.parameters()), info)
+    assert os.listdir(tmp_path) == []
+
+
+def test_each_ddp_process_resumes_from_its_own_random_state(data_dirs, tmp_path):
+    """With dropout, a 2-process run continued from a checkpoint ends with the weights of one never
+    stopped: each process gets back its own random-number generator, not process 0's."""
+    common = [*TINY, f"--data_dir={data_dirs[0]}", "--eval_interval=100", "--lr_decay_iters=6", "--dropout=0.2",
+              "--gradient_accumulation_steps=2"]
+    torchrun = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    for args in ([f"--out_dir={straight}", "--max_iters=6"], [f"--out_dir={resumed}", "--max_iters=3"],
+                 [f"--out_dir={resumed}", "--max_iters=6", "--init_from=resume"]):
+        proc = subprocess.run([*torchrun, *common, *args], cwd=ROOT, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    a, b = weights(straight), weights(resumed)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
 
 
 def test_two_gloo_processes_train_like_one(data_dirs, tmp_path):
@@ -202,6 +245,12 @@ def test_diverging_loss_stops_with_the_iteration(data_dirs, tmp_path):
 def test_unknown_setting_is_a_clear_error(data_dirs, tmp_path):
     proc = run("train.py", "--learning_rat=0.1", check=False)
     assert proc.returncode != 0 and "did you mean learning_rate" in proc.stderr and "Traceback" not in proc.stderr
+    for option, message in (("--max_iters=-5", "max_iters=-5 must be 0 or more"),
+                            ("--eval_interval=0", "eval_interval=0 must be positive"),
+                            ("--n_head=0", "n_head=0 must be positive")):
+        proc = run("train.py", *TINY, f"--data_dir={data_dirs[0]}", f"--out_dir={tmp_path / 'x'}", option,
+                   check=False)
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_compile_without_a_compiler_trains_eagerly_with_one_warning(data_dirs, tmp_path):
