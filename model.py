@@ -51,9 +51,11 @@ class GPTConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key}={getattr(self, key)!r}: choose one of {allowed}")
-        for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+        for key in ("block_size", "vocab_size", "n_head", "n_embd"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)} must be positive")
+        if self.n_layer < 0:  # 0 is a model of embeddings alone
+            raise ValueError(f"n_layer={self.n_layer} must be 0 or more")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
         if self.n_embd % self.n_head:
