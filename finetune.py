@@ -41,7 +41,7 @@ from sample import SampleError, find_checkpoint, load_for_inference
 from tokenizer import Tokenizer, atomic_write
 from train import (TrainError, append_log, batch_seed, catch_stop_signals, check_compatible, checkpoint_dir,
                    get_lr, load_training_state, make_optimizer, pick_device, pick_dtype, plot_loss_curve,
-                   release_stop_signals, save_checkpoint, truncate_log)
+                   release_stop_signals, remove_stale_temporaries, save_checkpoint, truncate_log)
 
 # --- settings -------------------------------------------------------------------------------------------
 # I/O
@@ -800,6 +800,7 @@ def main():
     elif not eval_only:
         truncate_log(out_dir, 0)  # a fresh run: the log of one that left no checkpoint goes
     os.makedirs(out_dir, exist_ok=True)
+    remove_stale_temporaries(out_dir)
     tok.save(os.path.join(out_dir, "tokenizer.tiktoken"))
     trainable = (sum(t.numel() for t in adapter_tensors(model, n_base).values()) if mode == "lora"
                  else sum(p.numel() for p in model.parameters()))

@@ -15,6 +15,7 @@ import importlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -213,6 +214,14 @@ def save_checkpoint(out_dir, kind, model, optimizer, info, adapter=None):
     except BaseException:  # an error or a second Ctrl-C: no stray temporary checkpoint is left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_temporaries(out_dir):
+    """Delete the temporary checkpoint directories (.last.tmp*) of a run killed mid-save (SIGKILL, power
+    loss): save_checkpoint swaps a directory in only once it is whole, so they hold nothing to keep."""
+    for name in os.listdir(out_dir):
+        if re.fullmatch(r"\.\w+\.tmp\w+", name) and os.path.isdir(os.path.join(out_dir, name)):
+            shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
 
 
 def check_compatible(saved, current, path):
@@ -427,6 +436,7 @@ def main():
         truncate_log(out_dir, 0)  # a fresh run: the log of one that left no checkpoint goes
     if master:
         os.makedirs(out_dir, exist_ok=True)
+        remove_stale_temporaries(out_dir)
         copy_tokenizer(meta, data_dir, out_dir)
         print(f"model: {model.num_params() / 1e6:.2f}M parameters without embeddings, "
               f"{model.num_params(False) / 1e6:.2f}M in all; {dev}, {dtype_name}, {world_size} process(es)")

@@ -183,6 +183,16 @@ def test_a_failed_checkpoint_leaves_no_temporary_directory(tmp_path, monkeypatch
     assert os.listdir(tmp_path) == []
 
 
+def test_stale_temporary_checkpoints_are_removed(tmp_path):
+    import train
+    for name in (".last.tmpk3_x9", ".best.tmpq1", "last", "notes.tmpdir"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "state.pt").write_bytes(b"x")
+    (tmp_path / "log.jsonl").write_text("")
+    train.remove_stale_temporaries(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["last", "log.jsonl", "notes.tmpdir"]
+
+
 def test_each_ddp_process_resumes_from_its_own_random_state(data_dirs, tmp_path):
     """With dropout, a 2-process run continued from a checkpoint ends with the weights of one never
     stopped: each process gets back its own random-number generator, not process 0's."""
