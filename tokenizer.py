@@ -100,6 +100,15 @@ class Tokenizer:
     """Byte-level BPE: ids are ranks (lower merges first), the 256 single bytes are all in the vocabulary."""
 
     def __init__(self, mergeable_ranks: Dict[bytes, int], special_tokens: Dict[str, int], name: str = "custom"):
+        if any(rank < 0 or rank >= 2**31 for rank in mergeable_ranks.values()):
+            raise ValueError("ranks must lie in [0, 2**31)")
+        for text, i in special_tokens.items():
+            if not isinstance(text, str) or not text:
+                raise ValueError(f"special token {text!r}: a special token is a non-empty string")
+            if not 0 <= i < 2**31:
+                raise ValueError(f"special token {text!r} has the id {i}, outside [0, 2**31)")
+        if len(set(special_tokens.values())) < len(special_tokens):
+            raise ValueError(f"two special tokens share an id: {special_tokens}")
         token_bytes = [b""] * (max(mergeable_ranks.values()) + 1)
         for token, rank in mergeable_ranks.items():
             if token_bytes[rank]:
@@ -174,6 +183,8 @@ class Tokenizer:
         if isinstance(texts_or_paths, (str, os.PathLike)):  # one text, or one file
             texts_or_paths = [texts_or_paths]
         special_tokens = list(dict.fromkeys(special_tokens))
+        if not all(isinstance(s, str) and s for s in special_tokens):
+            raise ValueError(f"special tokens must be non-empty strings: {special_tokens}")
         num_merges = vocab_size - 256 - len(special_tokens)
         if vocab_size >= 2**31:
             raise ValueError(f"vocab_size {vocab_size:,} is too large: at most 2**31 - 1 tokens can be trained")

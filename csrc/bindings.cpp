@@ -25,10 +25,13 @@ std::string_view utf8_view(py::handle text) {
     return {data, size_t(size)};
 }
 
-std::vector<std::string_view> utf8_views(const py::list& texts) {
+// Views of the UTF-8 bytes of texts' strings. They stay valid as long as `held` (a tuple of the same strings)
+// lives, even if another thread empties the list while this one encodes without the GIL.
+std::vector<std::string_view> utf8_views(const py::list& texts, py::tuple* held) {
+    *held = py::tuple(texts);
     std::vector<std::string_view> views;
-    views.reserve(texts.size());
-    for (py::handle t : texts) views.push_back(utf8_view(t));
+    views.reserve(held->size());
+    for (py::handle t : *held) views.push_back(utf8_view(t));
     return views;
 }
 
@@ -63,36 +66,36 @@ std::vector<std::vector<Rank>> encode_many(const Encoder& enc, const std::vector
     auto worker = [&] {
         for (size_t i; (i = next.fetch_add(1)) < texts.size();) enc.encode(texts[i], allowed_special, &results[i]);
     };
-    num_threads = std::max(1, std::min<int>(num_threads, int(texts.size())));
-    std::vector<std::thread> threads;
-    for (int t = 1; t < num_threads; ++t) threads.emplace_back(worker);
-    worker();
-    for (auto& th : threads) th.join();
+    run_on_threads(std::max(1, std::min<int>(num_threads, int(texts.size()))), [&](int) { worker(); });
     return results;
 }
 
+// offsets: converted to a contiguous int64 array if need be (an input); x and y: written in place, so they
+// must be exactly what they are read as, never a converted copy.
+using Offsets = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+
 template <class Token>
-void gather_checked(py::array data, py::array_t<int64_t> offsets, int64_t block_size, py::array_t<int64_t> x,
-                    py::array_t<int64_t> y) {
+void gather_checked(py::array data, Offsets offsets, int64_t block_size, py::array x, py::array y) {
     auto data_buf = data.request();
     if (data_buf.ndim != 1 || data_buf.strides[0] != sizeof(Token))
         throw std::invalid_argument("data must be a contiguous 1-D token array");
-    auto off = offsets.unchecked<1>();
-    const int64_t batch_size = off.shape(0), n = data_buf.shape[0];
+    if (offsets.ndim() != 1) throw std::invalid_argument("offsets must be a 1-D array");
+    if (block_size < 1) throw std::invalid_argument("block_size must be positive");
+    const int64_t batch_size = offsets.shape(0), n = data_buf.shape[0];
+    const int64_t* o = offsets.data();
     for (int64_t b = 0; b < batch_size; ++b)
-        if (off(b) < 0 || off(b) + block_size + 1 > n)
-            throw std::out_of_range("offset " + std::to_string(off(b)) + " leaves no room for block_size + 1 = " +
+        if (o[b] < 0 || o[b] > n - block_size - 1)  // not o[b] + block_size + 1 > n, which can overflow
+            throw std::out_of_range("offset " + std::to_string(o[b]) + " leaves no room for block_size + 1 = " +
                                     std::to_string(block_size + 1) + " tokens in " + std::to_string(n));
-    auto check_out = [&](py::array_t<int64_t>& a, const char* name) {
-        if (a.ndim() != 2 || a.shape(0) != batch_size || a.shape(1) != block_size ||
-            !(a.flags() & py::array::c_style) || !a.writeable())
+    auto check_out = [&](py::array& a, const char* name) {
+        if (!a.dtype().is(py::dtype::of<int64_t>()) || a.ndim() != 2 || a.shape(0) != batch_size ||
+            a.shape(1) != block_size || !(a.flags() & py::array::c_style) || !a.writeable())
             throw std::invalid_argument(std::string(name) + " must be a writable C-contiguous (B, T) int64 array");
     };
     check_out(x, "x");
     check_out(y, "y");
     const Token* d = static_cast<const Token*>(data_buf.ptr);
-    const int64_t* o = off.data(0);
-    int64_t *xp = x.mutable_data(), *yp = y.mutable_data();
+    int64_t *xp = static_cast<int64_t*>(x.mutable_data()), *yp = static_cast<int64_t*>(y.mutable_data());
     py::gil_scoped_release release;
     gather_batch<Token>(d, o, batch_size, block_size, xp, yp);
 }
@@ -231,7 +234,8 @@ PYBIND11_MODULE(_nanoslm, m) {
         }, py::arg("text"), py::arg("allowed_special"))
         .def("encode_batch", [](const Encoder& enc, const py::list& texts, const std::vector<std::string>& allowed,
                                 int num_threads) {
-            std::vector<std::string_view> views = utf8_views(texts);
+            py::tuple held;
+            std::vector<std::string_view> views = utf8_views(texts, &held);
             std::vector<std::vector<Rank>> results;
             {
                 py::gil_scoped_release release;
@@ -244,7 +248,8 @@ PYBIND11_MODULE(_nanoslm, m) {
         .def("encode_to_array", [](const Encoder& enc, const py::list& texts, const std::vector<std::string>& allowed,
                                    int num_threads, int64_t append_id) {
             // All texts' ids concatenated into one uint32 array, append_id (if >= 0) after each text.
-            std::vector<std::string_view> views = utf8_views(texts);
+            py::tuple held;
+            std::vector<std::string_view> views = utf8_views(texts, &held);
             std::vector<std::vector<Rank>> results;
             {
                 py::gil_scoped_release release;
@@ -274,15 +279,15 @@ PYBIND11_MODULE(_nanoslm, m) {
         .def("add_texts", [](BpeTrainer& t, const py::list& texts, int num_threads) {
             std::vector<std::string> copies;
             copies.reserve(texts.size());
-            for (std::string_view v : utf8_views(texts)) copies.emplace_back(v);
+            py::tuple held;
+            for (std::string_view v : utf8_views(texts, &held)) copies.emplace_back(v);
             py::gil_scoped_release release;
             t.add_texts(copies, resolve_threads(num_threads));
         }, py::arg("texts"), py::arg("num_threads"))
         .def("train", &BpeTrainer::train, py::arg("num_merges"), py::call_guard<py::gil_scoped_release>())
         .def_property_readonly("num_unique_pieces", &BpeTrainer::num_unique_pieces);
 
-    m.def("gather_batch", [](py::array data, py::array_t<int64_t> offsets, int64_t block_size,
-                             py::array_t<int64_t> x, py::array_t<int64_t> y) {
+    m.def("gather_batch", [](py::array data, Offsets offsets, int64_t block_size, py::array x, py::array y) {
         if (data.dtype().is(py::dtype::of<uint16_t>())) gather_checked<uint16_t>(data, offsets, block_size, x, y);
         else if (data.dtype().is(py::dtype::of<uint32_t>())) gather_checked<uint32_t>(data, offsets, block_size, x, y);
         else throw std::invalid_argument("data must be uint16 or uint32 tokens");

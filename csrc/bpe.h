@@ -2,7 +2,11 @@
 // semantics, and a byte-level BPE trainer. No Python here; csrc/bindings.cpp wraps it.
 #pragma once
 #include <cstdint>
+#include <exception>
+#include <mutex>
 #include <string>
+#include <system_error>
+#include <thread>
 #include <string_view>
 #include <unordered_map>
 #include <utility>
@@ -48,6 +52,63 @@ void pretokenize(std::string_view text, Emit&& emit) {
 
 // Number of bytes of the longest prefix of s that is valid UTF-8 (== s.size() when all of it is).
 size_t valid_utf8_prefix(std::string_view s);
+
+// Runs worker(t) for t in [0, n), t = 0 on the calling thread, and returns when all are done. The workers
+// must share their work out dynamically: a thread the system cannot start leaves its share to the others.
+// The first exception a worker throws is rethrown here, once every thread has stopped.
+template <class Worker>
+void run_on_threads(int n, Worker&& worker) {
+    std::exception_ptr error;
+    std::mutex error_mutex;
+    auto guarded = [&](int t) {
+        try {
+            worker(t);
+        } catch (...) {
+            std::lock_guard<std::mutex> lock(error_mutex);
+            if (!error) error = std::current_exception();
+        }
+    };
+    std::vector<std::thread> threads;
+    for (int t = 1; t < n; ++t) {
+        try {
+            threads.emplace_back(guarded, t);
+        } catch (const std::system_error&) {
+            break;  // no more threads to be had: the ones running do the rest
+        }
+    }
+    guarded(0);
+    for (auto& th : threads) th.join();
+    if (error) std::rethrow_exception(error);
+}
+
+// Finds special tokens in a text from left to right: the earliest at or after a position, the longest of
+// those that start there. Each token's next occurrence is remembered and searched again only once the
+// position has passed it, so a text with many special tokens is read once per token, not once per find.
+class SpecialFinder {
+  public:
+    SpecialFinder(std::string_view text, std::vector<std::string_view> specials)
+        : text_(text), specials_(std::move(specials)), at_(specials_.size()) {
+        for (size_t i = 0; i < specials_.size(); ++i) at_[i] = text_.find(specials_[i]);
+    }
+    // (start, index into specials) of the next one at or after pos; start is npos when none is left.
+    std::pair<size_t, size_t> next(size_t pos) {
+        size_t best = std::string_view::npos, best_i = 0;
+        for (size_t i = 0; i < specials_.size(); ++i) {
+            if (at_[i] != std::string_view::npos && at_[i] < pos) at_[i] = text_.find(specials_[i], pos);
+            if (at_[i] < best || (at_[i] == best && best != std::string_view::npos &&
+                                  specials_[i].size() > specials_[best_i].size())) {
+                best = at_[i];
+                best_i = i;
+            }
+        }
+        return {best, best_i};
+    }
+
+  private:
+    std::string_view text_;
+    std::vector<std::string_view> specials_;  // none empty: an empty one would match everywhere
+    std::vector<size_t> at_;
+};
 
 // ---------------------------------------------------------------------------------------------
 // Encoder: text -> token ids with a fixed vocabulary, byte-identical to tiktoken's CoreBPE.

@@ -94,6 +94,8 @@ Encoder::Encoder(std::vector<std::string> token_bytes,
 
     n_vocab_ = num_ordinary;
     for (auto& [text, id] : special_tokens_) {
+        if (text.empty()) throw std::invalid_argument("a special token cannot be the empty string");
+        if (id == kNoRank) throw std::invalid_argument("special token id " + std::to_string(id) + " is reserved");
         if (id < num_ordinary && !token_bytes_[id].empty())
             throw std::invalid_argument("special token id " + std::to_string(id) + " is already an ordinary token");
         n_vocab_ = std::max<size_t>(n_vocab_, size_t(id) + 1);
@@ -198,31 +200,25 @@ void Encoder::encode_ordinary(std::string_view text, std::vector<Rank>* out) con
 
 void Encoder::encode(std::string_view text, const std::vector<std::string>& allowed_special,
                      std::vector<Rank>* out) const {
-    std::vector<std::pair<std::string_view, Rank>> allowed;
+    std::vector<std::string_view> allowed;
+    std::vector<Rank> allowed_ids;
     for (const std::string& name : allowed_special)
         for (auto& [text_of, id] : special_tokens_)
-            if (text_of == name) allowed.emplace_back(text_of, id);
+            if (text_of == name) {
+                allowed.push_back(text_of);
+                allowed_ids.push_back(id);
+            }
+    SpecialFinder finder(text, allowed);
     size_t pos = 0;
     while (pos < text.size()) {
-        // The earliest allowed special token at or after pos (the longest, if several start there).
-        size_t best_start = std::string_view::npos, best_len = 0;
-        Rank best_id = kNoRank;
-        for (auto& [special, id] : allowed) {
-            size_t start = text.find(special, pos);
-            if (start < best_start || (start == best_start && start != std::string_view::npos &&
-                                       special.size() > best_len)) {
-                best_start = start;
-                best_len = special.size();
-                best_id = id;
-            }
-        }
-        if (best_start == std::string_view::npos) {
+        auto [start, which] = finder.next(pos);
+        if (start == std::string_view::npos) {
             encode_ordinary(text.substr(pos), out);
             break;
         }
-        encode_ordinary(text.substr(pos, best_start - pos), out);
-        out->push_back(best_id);
-        pos = best_start + best_len;
+        encode_ordinary(text.substr(pos, start - pos), out);
+        out->push_back(allowed_ids[which]);
+        pos = start + allowed[which].size();
     }
 }
 

@@ -26,22 +26,16 @@ inline Rank right_of(uint64_t key) { return Rank(key & 0xFFFFFFFFu); }
 // Calls emit(segment) for each stretch of text between special tokens.
 template <class Emit>
 void split_at_specials(std::string_view text, const std::vector<std::string>& specials, Emit&& emit) {
+    SpecialFinder finder(text, std::vector<std::string_view>(specials.begin(), specials.end()));
     size_t pos = 0;
     while (true) {
-        size_t best = std::string_view::npos, best_len = 0;
-        for (const std::string& s : specials) {
-            size_t at = text.find(s, pos);
-            if (at < best || (at == best && at != std::string_view::npos && s.size() > best_len)) {
-                best = at;
-                best_len = s.size();
-            }
-        }
-        if (best == std::string_view::npos) {
+        auto [start, which] = finder.next(pos);
+        if (start == std::string_view::npos) {
             emit(text.substr(pos));
             return;
         }
-        emit(text.substr(pos, best - pos));
-        pos = best + best_len;
+        emit(text.substr(pos, start - pos));
+        pos = start + specials[which].size();
     }
 }
 }  // namespace
@@ -62,10 +56,7 @@ void BpeTrainer::add_texts(const std::vector<std::string>& texts, int num_thread
                 pretokenize(segment, [&](std::string_view piece) { ++local[piece]; });
             });
     };
-    std::vector<std::thread> threads;
-    for (int t = 1; t < num_threads; ++t) threads.emplace_back(worker, t);
-    worker(0);
-    for (auto& th : threads) th.join();
+    run_on_threads(num_threads, worker);
     for (auto& local : counts)
         for (auto& [piece, count] : local) pieces_[std::string(piece)] += count;
 }

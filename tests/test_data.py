@@ -166,6 +166,21 @@ def test_generator_advances_between_batches(dataset):
     assert not torch.equal(first, second)
 
 
+def test_gather_checks_what_it_reads_and_writes():
+    tokens = np.arange(100, dtype=np.uint16)
+    x, y = np.zeros((2, 8), np.int64), np.zeros((2, 8), np.int64)
+    strided = np.array([3, 10**12, 50, 10**12])[::2]  # a view: offsets 3 and 50, read through its strides
+    data._nanoslm.gather_batch(tokens, strided, 8, x, y)
+    assert x[:, 0].tolist() == [3, 50] and y[:, 0].tolist() == [4, 51]
+    for bad in (np.array([10**12, 0, 10**12, 0])[::2], np.array([2**63 - 3, 0])):  # past the end; overflowing
+        with pytest.raises(IndexError, match="leaves no room"):
+            data._nanoslm.gather_batch(tokens, bad, 8, x, y)
+    with pytest.raises(ValueError, match="int64 array"):  # an int32 output would be filled as a hidden copy
+        data._nanoslm.gather_batch(tokens, np.array([0, 1]), 8, np.zeros((2, 8), np.int32), y)
+    with pytest.raises(ValueError, match="int64 array"):
+        data._nanoslm.gather_batch(tokens, np.array([0, 1]), 8, x, np.zeros((2, 8), np.int64)[:, ::1].T.copy().T)
+
+
 def test_split_too_small(dataset):
     dataset.get_batch("val", 2, 299, torch.Generator())  # 300 tokens hold exactly one window of 299 + 1
     with pytest.raises(ValueError, match="fewer than block_size"):

@@ -489,6 +489,37 @@ def test_two_special_tokens_like_tiktoken():
                 encoder.encode(text, **kwargs)
 
 
+def test_many_and_overlapping_special_tokens_split_longest_first():
+    """Special tokens are found earliest first, the longest of those starting at the same place; checked
+    against a plain Python split on text dense with them (the finder remembers each token's next place)."""
+    specials = {EOT: 50256, "<|a|>": 50257, "<|a|>b": 50258, "|>": 50259}
+    tok = Tokenizer(load_tiktoken_bpe(GPT2_RANKS_FILE), specials)
+    rng = random.Random(0)
+    parts = list(specials) + ["x", "b", " <|a", "|", "hello ", "\n"]
+    for _ in range(200):
+        text = "".join(rng.choice(parts) for _ in range(rng.randint(0, 40)))
+        expected, pos = [], 0
+        while pos < len(text):
+            starts = [(text.find(s, pos), -len(s), s) for s in specials if text.find(s, pos) >= 0]
+            if not starts:
+                expected += tok.encode_ordinary(text[pos:])
+                break
+            start, _, special = min(starts)
+            expected += tok.encode_ordinary(text[pos:start]) + [specials[special]]
+            pos = start + len(special)
+        assert tok.encode(text, allowed_special="all") == expected, text
+
+
+def test_special_tokens_must_be_distinct_non_empty_and_in_range():
+    ranks = {bytes([b]): b for b in range(256)}
+    for specials, message in (({"": 256}, "non-empty"), ({"<|a|>": 256, "<|b|>": 256}, "share an id"),
+                              ({"<|a|>": 2**32 - 1}, "outside")):
+        with pytest.raises(ValueError, match=message):
+            Tokenizer(ranks, specials)
+    with pytest.raises(ValueError, match="non-empty"):
+        Tokenizer.train(["some text"], vocab_size=300, special_tokens=["", EOT])
+
+
 # --- decoding and bad input ----------------------------------------------------------------------------
 
 def test_decode_cut_through_a_character(tok, ref):
