@@ -6,6 +6,7 @@ weights (converted by export.py), measured in the same run. Greedy outputs must 
     python bench/bench_sample.py --models=15M --batches=1 --new_tokens=128
     python bench/bench_sample.py --isa=avx2       # the C++ step's AVX2 build, as an AVX2-only CPU runs it
     python bench/bench_sample.py --unpacked       # our weights left as separate tensors (no pack_weights_)
+    python bench/bench_sample.py --torch_step     # our decoding step in PyTorch instead of the C++ one
 
 Models (Llama layout, random weights, tied 32,000-token embeddings, the shapes of llama2.c's stories15M and
 stories42M): 15M = 6 layers, 6 heads, 288 wide; 40M = 8 layers, 8 heads, 512 wide. Prompt: 16 tokens.
@@ -95,17 +96,21 @@ def main():
                         help="the instruction set of the C++ decoding step (default: the widest this CPU runs)")
     parser.add_argument("--unpacked", action="store_true",
                         help="leave our weights as separate tensors instead of packing them as sample.py does")
+    parser.add_argument("--torch_step", action="store_true",
+                        help="decode with model.py's PyTorch step, not the C++ one (csrc/decode.cpp)")
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
+    step = "PyTorch" if args.torch_step else "C++ " + (args.isa or _nanoslm.decode_instruction_sets()[0])
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} "
-          f"threads), transformers {transformers.__version__}; C++ step: "
-          f"{args.isa or _nanoslm.decode_instruction_sets()[0]}, weights {'unpacked' if args.unpacked else 'packed'}; "
-          f"{args.new_tokens} new tokens after a "
+          f"threads), transformers {transformers.__version__}; decoding step: {step}, weights "
+          f"{'unpacked' if args.unpacked else 'packed'}; {args.new_tokens} new tokens after a "
           f"{PROMPT_TOKENS}-token prompt; tok/s counts every sequence of the batch")
     for name in args.models.split(","):
         model, hf = build(name, pack=not args.unpacked)
         if args.isa:
             model.native_decoder = functools.partial(GPT.native_decoder, model, isa=args.isa)
+        if args.torch_step:
+            model.native_decoder = lambda caches, isa="": None  # as where the extension does not apply
         print(f"\n{name} model ({model.num_params(False) / 1e6:.1f}M parameters)")
         hf_greedy_batch1 = None
         print(f"  {'batch':>5} {'mode':<8} {'ours prefill':>13} {'ours decode':>12} {'HF prefill':>11} "

@@ -9,10 +9,14 @@ same dimensions, batch, device and dtype; a full step is forward, backward and A
 Shapes: (a) 4 layers, 4 heads, 128 wide, GPT-2 vocabulary (50,257), T=256, B=8;
         (b) 6 layers, 6 heads, 288 wide, 8,192 vocabulary, T=256, B=8.
 Each model runs in its own process, so peak memory (VmHWM on CPU, max allocated on CUDA) is its own.
-Before timing, both models are given the same weights and must give the same loss on the same batch.
-On the CPU it also prints what the step's matrix products alone take, measured in the same run: at the
-machine's best fp32 torch.mm rate (a floor for any implementation whose products are no faster than that),
-and timed one by one at their own shapes (what PyTorch's products take there).
+First, both models are given the same weights and must give the same loss on the same batch; the timed
+runs then start from each model's own initialisation (same shapes, same work). AdamW is fused for ours
+(train.py's choice) and nanoGPT's default on the CPU (not fused) for the reference.
+On the CPU it also prints where a step's time goes, measured in the same run: the matrix products alone,
+at the machine's best fp32 torch.mm rate (a floor for any implementation whose products are no faster
+than that) and timed one by one at their own shapes; attention alone (PyTorch's SDPA, which is flash
+attention on the CPU, and a manual softmax(QK^T)V), forward and backward; and an AdamW step alone, fused
+and not. --compile runs ours under torch.compile.
 """
 import argparse
 import json
@@ -135,11 +139,13 @@ def peak_memory_mb(device):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker(which, shape_name, device, dtype, steps):
+def worker(which, shape_name, device, dtype, steps, compile=False):
     shape = SHAPES[shape_name]
     torch.manual_seed(0)
     model = build(which, shape).to(device)
     optimizer = make_optimizer(which, model, device)
+    if compile:
+        model = torch.compile(model)
     B, T = shape["batch_size"], shape["block_size"]
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, shape["vocab_size"], (B, T + 1), generator=g).to(device) for _ in range(4)]
@@ -218,16 +224,47 @@ def matmul_bounds(shape):
     return total / 1e9, total / square_rate, at_shapes + attention_flops / square_rate
 
 
+def attention_times(shape):
+    """Seconds of a step's causal attention alone (all layers, forward and backward): PyTorch's SDPA, and
+    the manual softmax(QK^T / sqrt(d)) V with a mask."""
+    B, T, C, H, L = (shape[k] for k in ("batch_size", "block_size", "n_embd", "n_head", "n_layer"))
+    q, k, v = (torch.randn(B, H, T, C // H, requires_grad=True) for _ in range(3))
+    grad = torch.randn(B, H, T, C // H)
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+
+    def manual(q, k, v, is_causal):
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
+        return att.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
+
+    def fwd_bwd(attention):
+        return lambda: attention(q, k, v, is_causal=True).backward(grad)
+    return (L * best_time(fwd_bwd(F.scaled_dot_product_attention)), L * best_time(fwd_bwd(manual)))
+
+
+def adamw_times(shape):
+    """Seconds of one AdamW step over our model's parameters (gradients set), fused and not."""
+    times = []
+    for fused in (True, None):
+        model = build("ours", shape)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+        times.append(best_time(optimizer.step))
+    return tuple(times)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--shape", choices=["a", "b", "all"], default="all")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--compile", action="store_true", help="ours under torch.compile")
     parser.add_argument("--worker", choices=["ours", "ref"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.shape, args.device, args.dtype, args.steps)))
+        print(json.dumps(worker(args.worker, args.shape, args.device, args.dtype, args.steps,
+                                args.compile and args.worker == "ours")))
         return
 
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, "
@@ -238,11 +275,13 @@ def main():
         results = {}
         for which in ("ref", "ours"):
             out = subprocess.run([sys.executable, __file__, f"--worker={which}", f"--shape={shape_name}",
-                                  f"--device={args.device}", f"--dtype={args.dtype}", f"--steps={args.steps}"],
+                                  f"--device={args.device}", f"--dtype={args.dtype}", f"--steps={args.steps}"]
+                                 + (["--compile"] if args.compile else []),
                                  capture_output=True, text=True, check=True)
             results[which] = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"\nshape ({shape_name}) {shape}: same loss from same weights ({loss:.5f})")
-        for which, name in (("ref", "nanoGPT-style reference"), ("ours", "nanoslm model.py")):
+        for which, name in (("ref", "nanoGPT-style reference"),
+                            ("ours", "nanoslm model.py" + (", compiled" if args.compile else ""))):
             r = results[which]
             print(f"  {name:<26} {r['tok_per_s']:9,.0f} tok/s  {r['ms_per_step']:8.1f} ms/step  "
                   f"peak {r['peak_mb']:7.0f} MB")
@@ -255,6 +294,13 @@ def main():
                   f"machine's best fp32 torch.mm rate (a 2048 square), {1000 * at_shapes:.0f} ms timed at their own "
                   f"shapes; with everything else free, a step is at most {ref_s / at_square_rate:.2f}x / "
                   f"{ref_s / at_shapes:.2f}x the reference's")
+            sdpa, manual = attention_times(shape)
+            fused, unfused = adamw_times(shape)
+            rest = results["ours"]["ms_per_step"] - 1000 * (at_shapes + sdpa + fused)
+            print(f"  attention alone (all layers, forward + backward): {1000 * sdpa:.0f} ms in SDPA, "
+                  f"{1000 * manual:.0f} ms manual; AdamW step alone: {1000 * fused:.1f} ms fused, "
+                  f"{1000 * unfused:.1f} ms not ({unfused / fused:.1f}x); the rest of our step (norms, GELU, "
+                  f"residuals, the loss's softmax, embeddings): {rest:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -45,17 +45,20 @@ def _cross_entropy_rows_kernel(Logits, stride_row, Targets, Losses, V, ignore_in
     # pass 1: running max and sum of exp over blocks of the row -> logsumexp
     m = tl.full((), float("-inf"), dtype=tl.float32)
     s = tl.zeros((), dtype=tl.float32)
+    # The target logit is picked up here, inside the reductions: a load of it after pass 1 would not be
+    # ordered against pass 2's writes from other warps, which may already have overwritten it.
+    target_logit = tl.zeros((), dtype=tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         z = tl.load(Logits + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(z, 0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+        target_logit += tl.sum(tl.where(cols == target, z, 0.0), 0)
         m = m_new
     lse = m + tl.log(s)
-    target_logit = tl.load(Logits + target, mask=counted, other=0.0).to(tl.float32)
     tl.store(Losses + row, tl.where(counted, lse - target_logit, 0.0))
     if COMPUTE_GRAD:
-        # pass 2, after the target logit was read: d(loss)/d(logits), written over the logits
+        # pass 2: d(loss)/d(logits), written over the logits
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             z = tl.load(Logits + cols, mask=cols < V, other=0.0).to(tl.float32)
