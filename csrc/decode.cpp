@@ -16,6 +16,7 @@
 #include <new>
 #include <stdexcept>
 #include <system_error>
+#include <climits>
 #include <thread>
 
 #ifdef _WIN32
@@ -97,13 +98,17 @@ class WorkerPool {
     static WorkerPool& get(int n_threads) {
         static std::mutex creation;
         static WorkerPool* pool = nullptr;
+        static int most = INT_MAX;  // the size at which a thread could not start: no use asking for more
         std::lock_guard<std::mutex> lock(creation);
+        if (pool && pool->pid_ != NSLM_GETPID()) most = INT_MAX;  // a forked child starts its own afresh
+        n_threads = std::min(n_threads, most);
         if (!pool || pool->pid_ != NSLM_GETPID() || pool->size() < n_threads) {
             pool = new WorkerPool();
             // started one by one once the pool is whole; a thread that cannot start leaves a smaller pool
             try {
                 while (pool->size() < n_threads) pool->add_worker();
             } catch (const std::system_error&) {
+                most = pool->size();
             }
         }
         return *pool;
