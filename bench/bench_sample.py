@@ -10,7 +10,9 @@ weights (converted by export.py), measured in the same run. Greedy outputs must 
 
 Models (Llama layout, random weights, tied 32,000-token embeddings, the shapes of llama2.c's stories15M and
 stories42M): 15M = 6 layers, 6 heads, 288 wide; 40M = 8 layers, 8 heads, 512 wide. Prompt: 16 tokens.
-Prefill (prompt processing) and decode (one token at a time) are timed separately.
+Prefill (prompt processing) and decode (one token at a time) are timed separately; prefill is the time to the
+first token, each library's call setup included (for transformers, a generate() of one new token), and
+decode the rest (for transformers, a full generate() less that).
 
 At batch 1 every decoded token reads all the weights once, so the rate at which this machine reads memory
 bounds any fp32 implementation: the script measures it on a tensor of the model's size held in huge pages as
