@@ -120,14 +120,20 @@ def read_lines(path: str):
 
 def read_txt(path: str, separator: str):
     """Documents of a text file: separated by lines that hold only <|endoftext|>, or by blank lines."""
-    lines = []
-    for _, line in read_lines(path):
+    lines, chars = [], 0
+    for lineno, line in read_lines(path):
         is_break = line.strip() == EOT if separator == "eot" else not line.strip()
         if is_break:
             yield "".join(lines).strip("\n")
-            lines = []
+            lines, chars = [], 0
         else:
             lines.append(line)
+            chars += len(line)
+            if chars > CHUNK_CHARS:  # one document is held whole: memory would grow with the file
+                raise PrepareError(f"{path}:{lineno}: a document longer than {CHUNK_CHARS:,} characters; "
+                                   + ("are the documents separated by lines holding only <|endoftext|>? "
+                                      "--separator=blankline splits at blank lines" if separator == "eot" else
+                                      "split the file into documents at blank lines"))
     if lines:
         yield "".join(lines).strip("\n")
 

@@ -242,6 +242,15 @@ def test_one_document_txt_hints_at_blankline(tmp_path):
     assert "--separator=blankline" in error_of(tmp_path, f"--input={path}")
 
 
+def test_a_document_too_long_to_hold_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "CHUNK_CHARS", 500)  # no separator line in sight after this many characters
+    path = tmp_path / "notes.txt"
+    path.write_text("\n\n".join(DOCS))
+    message = error_of(tmp_path, f"--input={path}")
+    assert "a document longer than 500 characters" in message and "--separator=blankline" in message
+    check_output(prep(tmp_path, f"--input={path}", "--separator=blankline"), DOCS)
+
+
 def test_unreadable_parquet_rows_are_one_clear_error(tmp_path):
     path = str(tmp_path / "bad.parquet")
     text = pa.array([b"fine story", b"bad \xff byte"], pa.binary()).view(pa.string())  # not UTF-8 inside
