@@ -434,6 +434,35 @@ def train_new_rows_only(model, n_base):
         weight.register_hook(lambda grad, keep=keep: grad * keep)
 
 
+def token_row_moments(optimizer, model):
+    """{index of a token-row weight in optimizer.state_dict()'s "state": that weight}."""
+    index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    return {index[id(weight)]: weight for weight in token_row_weights(model).values() if id(weight) in index}
+
+
+def compact_optimizer_state(optimizer, model, n_base):
+    """optimizer.state_dict() with the token-row weights' Adam moments cut to the new rows: the base rows get
+    no gradient and no decay, so their moments stay exactly zero, and a LoRA run's state.pt need not carry
+    a vocabulary's worth of them (116 MB for GPT-2's at 288 wide). expand_optimizer_state puts them back."""
+    state = optimizer.state_dict()
+    packed = dict(state["state"])  # state_dict() shares the live tensors: replace, never modify, its entries
+    for i in token_row_moments(optimizer, model):
+        if i in packed:
+            packed[i] = {k: v[n_base:].clone() if k in ("exp_avg", "exp_avg_sq") else v for k, v in packed[i].items()}
+    return dict(state, state=packed)
+
+
+def expand_optimizer_state(state, optimizer, model, n_base):
+    """compact_optimizer_state undone: zero moments for the base rows (a full state passes unchanged)."""
+    packed = dict(state["state"])
+    for i, weight in token_row_moments(optimizer, model).items():
+        moments = packed.get(i, {})
+        if "exp_avg" in moments and moments["exp_avg"].size(0) == weight.size(0) - n_base:
+            packed[i] = {k: torch.cat([v.new_zeros((n_base, *v.shape[1:])), v])
+                         if k in ("exp_avg", "exp_avg_sq") else v for k, v in moments.items()}
+    return dict(state, state=packed)
+
+
 def adapter_tensors(model, n_base):
     """What a LoRA fine-tune changed, for adapter.safetensors: each lora_A and lora_B, and the new token rows
     (as "new_rows.<weight name>")."""
@@ -793,7 +822,8 @@ def main():
             load_adapter_tensors(model, load_file(os.path.join(last, "adapter.safetensors")), n_base)
         else:
             load_model(model, os.path.join(last, "model.safetensors"))
-        state = load_training_state(last, optimizer, scaler)
+        state = load_training_state(last, optimizer, scaler, expand_optimizer_state=(
+            lambda saved: expand_optimizer_state(saved, optimizer, model, n_base)) if mode == "lora" else None)
         iter_num, best_val_loss, tokens_seen = state["iter_num"], state["best_val_loss"], state["tokens_seen"]
         print(f"resuming from {last} at iteration {iter_num}")
         truncate_log(out_dir, iter_num, evaluates_again=iter_num % eval_interval == 0 or iter_num >= max_iters)
@@ -811,7 +841,8 @@ def main():
     def checkpoint_info():
         return {"iter_num": iter_num, "best_val_loss": best_val_loss, "tokens_seen": tokens_seen,
                 "scaler": scaler.state_dict(), "config": dict(run_config, iter_num=iter_num,
-                                                              best_val_loss=best_val_loss)}
+                                                              best_val_loss=best_val_loss),
+                "optimizer_state": compact_optimizer_state(optimizer, model, n_base) if mode == "lora" else None}
 
     def evaluate_and_save():
         nonlocal best_val_loss

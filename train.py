@@ -202,7 +202,8 @@ def save_checkpoint(out_dir, kind, model, optimizer, info, adapter=None):
             save_file(adapter, os.path.join(tmp, "adapter.safetensors"))
         rng_cpu, rng_cuda = rng_state()
         ranks = info.get("rng_ranks", [])  # under DDP: every process's, so that each resumes from its own
-        torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else {},
+        optimizer_state = info.get("optimizer_state") or (optimizer.state_dict() if optimizer is not None else {})
+        torch.save({"optimizer": optimizer_state,
                     "iter_num": info["iter_num"], "best_val_loss": info["best_val_loss"],
                     "tokens_seen": info["tokens_seen"], "rng_cpu": rng_cpu, "rng_cuda": rng_cuda,
                     "rng_cpu_ranks": [cpu for cpu, _ in ranks], "rng_cuda_ranks": [cuda for _, cuda in ranks],
@@ -251,12 +252,15 @@ def rng_state():
     return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0)
 
 
-def load_training_state(path, optimizer, scaler=None, rank=0):
+def load_training_state(path, optimizer, scaler=None, rank=0, expand_optimizer_state=None):
     """Restore the optimizer, the float16 loss scale and process rank's RNG from path/state.pt (no pickle);
     return the state (iter_num, ...). A process the checkpoint has no RNG of (more processes than saved it)
-    keeps its own seeded one."""
+    keeps its own seeded one. expand_optimizer_state: undoes a compacted optimizer state (finetune.py's)."""
     state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer_state = state["optimizer"]
+    if expand_optimizer_state is not None:
+        optimizer_state = expand_optimizer_state(optimizer_state)
+    optimizer.load_state_dict(optimizer_state)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     if rank < len(state.get("rng_cpu_ranks", [])):

@@ -213,6 +213,35 @@ def lora_model(style, seed=0, targets="attn,mlp"):
     return model, n_base
 
 
+@pytest.mark.parametrize("style", [dict(), dict(tie_embeddings=False)])
+def test_lora_optimizer_state_keeps_only_the_new_rows(style):
+    from train import make_optimizer
+    model, n_base = lora_model(style)
+    weights = ft.token_row_weights(model)
+    optimizer = make_optimizer(model.parameters(), "cpu", 1e-3, 0.1, (0.9, 0.95), no_decay=weights.values())
+    model.train()
+    for seed in range(2):
+        x = torch.randint(0, 103, (2, 8), generator=torch.Generator().manual_seed(seed))
+        _, loss = model(x, x)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    full = optimizer.state_dict()
+    compact = ft.compact_optimizer_state(optimizer, model, n_base)
+    rows = ft.token_row_moments(optimizer, model)
+    assert len(rows) == len(weights)
+    for i in rows:
+        assert not full["state"][i]["exp_avg"][:n_base].any()  # the base rows' moments are exactly zero
+        assert compact["state"][i]["exp_avg"].shape[0] == 103 - n_base and full["state"][i]["exp_avg"].shape[0] == 103
+    expanded = ft.expand_optimizer_state(compact, optimizer, model, n_base)
+    assert expanded["state"].keys() == full["state"].keys()
+    for i, moments in full["state"].items():
+        for key, value in moments.items():
+            assert torch.equal(expanded["state"][i][key], value), (i, key)
+    unchanged = ft.expand_optimizer_state(full, optimizer, model, n_base)  # a full state (an older checkpoint)
+    assert all(torch.equal(unchanged["state"][i]["exp_avg"], full["state"][i]["exp_avg"]) for i in rows)
+
+
 @pytest.mark.parametrize("style", STYLES)
 def test_lora_at_init_equals_base_and_merged_equals_unmerged(style):
     base = tiny(**style)
@@ -494,7 +523,9 @@ def test_interrupted_finetune_resumes_to_identical_adapter(base_run, tmp_path):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     run("finetune.py", *common, f"--out_dir={straight}")
     interrupt_after_steps("finetune.py", [*common, f"--out_dir={broken}", "--max_iters=100000"], broken, 3)
-    stopped_at = torch.load(broken / "last" / "state.pt", weights_only=True)["iter_num"]
+    saved = torch.load(broken / "last" / "state.pt", weights_only=True)
+    stopped_at = saved["iter_num"]
+    assert max(m["exp_avg"].shape[0] for m in saved["optimizer"]["state"].values()) < 513  # no base token rows
     assert 3 <= stopped_at < 16
     resumed = run("finetune.py", *common, f"--out_dir={broken}", "--init_from=resume")
     assert f"resuming from {broken / 'last'} at iteration {stopped_at}" in resumed.stdout
