@@ -43,11 +43,12 @@ def _assignments(namespace: dict, path: str) -> dict:
     return settings
 
 
-def require_positive(**settings):
-    """A ConfigError naming the first of these settings that is not above 0 (a count, an interval)."""
+def require_at_least(minimum, **settings):
+    """A ConfigError naming the first of these settings below minimum: 1 for a count or an interval, 0 for
+    a number of iterations."""
     for key, value in settings.items():
-        if value <= 0:
-            raise ConfigError(f"{key}={value!r} must be positive")
+        if value < minimum:
+            raise ConfigError(f"{key}={value!r} must be {'positive' if minimum == 1 else f'{minimum} or more'}")
 
 
 def _unknown_key(key, known):

@@ -21,7 +21,7 @@ import tempfile
 import torch
 
 from configurator import ConfigError, configure, settings_of
-from sample import SampleError, load_for_inference
+from sample import SampleError, fold_lora, load_for_inference
 from tokenizer import EOT, Tokenizer, replace_directory
 
 # --- settings -------------------------------------------------------------------------------------------
@@ -229,11 +229,10 @@ def main():
     except ImportError:
         raise ExportError("export needs transformers: pip install transformers") from None
     model, tok, _ = load_for_inference(out_dir, checkpoint)
-    if any(".lora_" in name for name, _ in model.named_parameters()):
-        from finetune import merge_lora
-        merge_lora(model)  # a LoRA run: the base with its adapter folded in
+    fold_lora(model)  # a LoRA run: its base with the adapter folded in
     export_hf(model, tok, dest, out_dir)
-    print(f"wrote {os.path.normpath(dest)}/ ({architecture(model.config)}: {model.num_params(False) / 1e6:.2f}M parameters, "
+    print(f"wrote {os.path.normpath(dest)}/ ({architecture(model.config)}: "
+          f"{model.num_params(False) / 1e6:.2f}M parameters, "
           f"{tok.n_vocab:,}-token tokenizer). Load it with transformers.AutoModelForCausalLM.from_pretrained"
           f"({dest!r}) and AutoTokenizer.from_pretrained({dest!r}).")
 

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, load_model
 
-from configurator import ConfigError, configure, require_positive, settings_of
+from configurator import ConfigError, configure, require_at_least, settings_of
 from prepare import PrepareError
 from sample import SampleError, find_checkpoint, load_for_inference
 from tokenizer import Tokenizer, atomic_write
@@ -774,7 +774,7 @@ def main():
     torch.manual_seed(seed)
     if init_from not in ("scratch", "resume", "auto"):
         raise ConfigError(f"init_from={init_from!r}: choose scratch, resume or auto")
-    require_positive(batch_size=batch_size, eval_batch_size=eval_batch_size, eval_interval=eval_interval,
+    require_at_least(1, batch_size=batch_size, eval_batch_size=eval_batch_size, eval_interval=eval_interval,
                      eval_iters=eval_iters, log_interval=log_interval,
                      gradient_accumulation_steps=gradient_accumulation_steps)
     if merge:
@@ -854,10 +854,12 @@ def main():
         append_log(out_dir, {"iter": iter_num, "tokens": tokens_seen, "train_loss": losses["train"],
                              "val_loss": losses["val"]})
         adapter = adapter_tensors(model, n_base) if mode == "lora" else None
-        if losses["val"] < best_val_loss:
-            best_val_loss = losses["val"]
-            save_checkpoint(out_dir, "best", model, optimizer, checkpoint_info(), adapter)
-        save_checkpoint(out_dir, "last", model, optimizer, checkpoint_info(), adapter)
+        is_best = losses["val"] < best_val_loss
+        best_val_loss = min(best_val_loss, losses["val"])
+        info = checkpoint_info()  # once: with LoRA it holds a compacted copy of the optimizer state
+        if is_best:
+            save_checkpoint(out_dir, "best", model, optimizer, info, adapter)
+        save_checkpoint(out_dir, "last", model, optimizer, info, adapter)
         plot_loss_curve(out_dir)
         return losses
 

@@ -107,6 +107,15 @@ def load_for_inference(run_dir, which="best", map_device="cpu"):
     return model.to(map_device).eval(), tok, config
 
 
+def fold_lora(model):
+    """model with a finetune.py LoRA run's adapters folded into its weights (finetune.merge_lora): the same
+    model up to float rounding, one matrix product per layer instead of three. A plain model is left as it is."""
+    if any(".lora_" in name for name, _ in model.named_parameters()):
+        from finetune import merge_lora
+        merge_lora(model)
+    return model
+
+
 def read_prompt(text):
     if not text.startswith("FILE:"):
         return text
@@ -235,11 +244,7 @@ def main():
         model, tok, _ = load_lora_checkpoint(adapter, dev, base_dir=out_dir, base_which=checkpoint)
     else:
         model, tok, _ = load_for_inference(out_dir, checkpoint, dev)
-    if any(".lora_" in name for name, _ in model.named_parameters()):
-        # fold the LoRA adapters into the weights: the same model up to float rounding, one matrix product per
-        # layer instead of three, and the C++ decoding step applies
-        from finetune import merge_lora
-        merge_lora(model)
+    fold_lora(model)  # also lets the C++ decoding step apply to a fine-tuned model
     check_sampling_settings(model.config.vocab_size)
     model.pack_weights_()  # faster decoding on the CPU: the weights in one huge-page block
     prompt = read_prompt(start)

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_model, save_file, save_model
 
-from configurator import ConfigError, configure, require_positive, settings_of
+from configurator import ConfigError, configure, require_at_least, settings_of
 from data import TokenDataset
 from model import GPT, GPTConfig
 from tokenizer import atomic_write, replace_directory, special_tokens_path
@@ -200,12 +200,11 @@ def save_checkpoint(out_dir, kind, model, optimizer, info, adapter=None):
             save_model(model, os.path.join(tmp, "model.safetensors"))
         else:
             save_file(adapter, os.path.join(tmp, "adapter.safetensors"))
-        rng_cpu, rng_cuda = rng_state()
-        ranks = info.get("rng_ranks", [])  # under DDP: every process's, so that each resumes from its own
+        ranks = info.get("rng_ranks") or [rng_state()]  # under DDP: every process's, each resumes from its own
         optimizer_state = info.get("optimizer_state") or (optimizer.state_dict() if optimizer is not None else {})
         torch.save({"optimizer": optimizer_state,
                     "iter_num": info["iter_num"], "best_val_loss": info["best_val_loss"],
-                    "tokens_seen": info["tokens_seen"], "rng_cpu": rng_cpu, "rng_cuda": rng_cuda,
+                    "tokens_seen": info["tokens_seen"],
                     "rng_cpu_ranks": [cpu for cpu, _ in ranks], "rng_cuda_ranks": [cuda for _, cuda in ranks],
                     "scaler": info.get("scaler", {})},
                    os.path.join(tmp, "state.pt"))
@@ -263,12 +262,12 @@ def load_training_state(path, optimizer, scaler=None, rank=0, expand_optimizer_s
     optimizer.load_state_dict(optimizer_state)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    if rank < len(state.get("rng_cpu_ranks", [])):
-        rng_cpu, rng_cuda = state["rng_cpu_ranks"][rank], state["rng_cuda_ranks"][rank]
-    elif rank == 0:
-        rng_cpu, rng_cuda = state["rng_cpu"], state["rng_cuda"]
-    else:
+    cpus, cudas = state.get("rng_cpu_ranks"), state.get("rng_cuda_ranks")
+    if not cpus:  # a checkpoint from before per-process states: process 0's alone
+        cpus, cudas = [state["rng_cpu"]], [state["rng_cuda"]]
+    if rank >= len(cpus):
         return state
+    rng_cpu, rng_cuda = cpus[rank], cudas[rank]
     torch.set_rng_state(rng_cpu)
     if torch.cuda.is_available() and rng_cuda.numel():
         torch.cuda.set_rng_state(rng_cuda)
@@ -396,12 +395,10 @@ def main():
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    require_positive(batch_size=batch_size, block_size=block_size, eval_interval=eval_interval,
+    require_at_least(1, batch_size=batch_size, block_size=block_size, eval_interval=eval_interval,
                      eval_iters=eval_iters, log_interval=log_interval,
                      gradient_accumulation_steps=gradient_accumulation_steps)
-    for key, value in (("max_iters", max_iters), ("warmup_iters", warmup_iters), ("lr_decay_iters", lr_decay_iters)):
-        if value < 0:
-            raise ConfigError(f"{key}={value} must be 0 or more")
+    require_at_least(0, max_iters=max_iters, warmup_iters=warmup_iters, lr_decay_iters=lr_decay_iters)
     if gradient_accumulation_steps % world_size:
         raise ConfigError(f"gradient_accumulation_steps {gradient_accumulation_steps} must be a multiple of "
                           f"the number of processes ({world_size})")
@@ -477,10 +474,10 @@ def main():
         model.train()
         return result
 
-    def checkpoint_info():
+    def checkpoint_info(rng_ranks):
         return {"iter_num": iter_num, "best_val_loss": best_val_loss, "tokens_seen": tokens_seen,
-                "scaler": scaler.state_dict(), "config": dict(run_config, iter_num=iter_num,
-                                                              best_val_loss=best_val_loss)}
+                "scaler": scaler.state_dict(), "rng_ranks": rng_ranks,
+                "config": dict(run_config, iter_num=iter_num, best_val_loss=best_val_loss)}
 
     def gathered_rng():
         """Every process's RNG states (a collective: all processes call it), for the checkpoint."""
@@ -503,10 +500,12 @@ def main():
             return
         append_log(out_dir, {"iter": iter_num, "tokens": tokens_seen, "train_loss": losses["train"],
                     "val_loss": losses["val"], "val_bpb": bpb})
-        if losses["val"] < best_val_loss:
-            best_val_loss = losses["val"]
-            save_checkpoint(out_dir, "best", raw_model, optimizer, dict(checkpoint_info(), rng_ranks=rng_ranks))
-        save_checkpoint(out_dir, "last", raw_model, optimizer, dict(checkpoint_info(), rng_ranks=rng_ranks))
+        is_best = losses["val"] < best_val_loss
+        best_val_loss = min(best_val_loss, losses["val"])
+        info = checkpoint_info(rng_ranks)
+        if is_best:
+            save_checkpoint(out_dir, "best", raw_model, optimizer, info)
+        save_checkpoint(out_dir, "last", raw_model, optimizer, info)
         plot_loss_curve(out_dir)
 
     stop_signal = catch_stop_signals()
@@ -563,7 +562,7 @@ def main():
         if stop.item():
             rng_ranks = gathered_rng()
             if master:
-                save_checkpoint(out_dir, "last", raw_model, optimizer, dict(checkpoint_info(), rng_ranks=rng_ranks))
+                save_checkpoint(out_dir, "last", raw_model, optimizer, checkpoint_info(rng_ranks))
                 print(f"stopped at iteration {iter_num}; saved {out_dir}/last. Continue with --init_from=resume")
             break
     else:

@@ -63,10 +63,9 @@ std::vector<std::vector<Rank>> encode_many(const Encoder& enc, const std::vector
                                            const std::vector<std::string>& allowed_special, int num_threads) {
     std::vector<std::vector<Rank>> results(texts.size());
     std::atomic<size_t> next{0};
-    auto worker = [&] {
+    run_on_threads(std::max(1, std::min<int>(num_threads, int(texts.size()))), [&](int) {
         for (size_t i; (i = next.fetch_add(1)) < texts.size();) enc.encode(texts[i], allowed_special, &results[i]);
-    };
-    run_on_threads(std::max(1, std::min<int>(num_threads, int(texts.size()))), [&](int) { worker(); });
+    });
     return results;
 }
 
