@@ -1,16 +1,23 @@
 # The two set-up-complete entry points (see README):
-#   make quickstart   # venv + requirements + native build, then the pipeline on the bundled corpus
-#   make test         # venv + requirements + native build, then the test suite
+#   make quickstart   # venv + locked dependencies + native build, then the pipeline on the bundled corpus
+#   make test         # venv + locked dependencies + native build, then the test suite (what CI runs)
+# and the one way versions move forward, on purpose:
+#   make lock         # resolve requirements*.txt afresh in a scratch venv -> requirements.lock; then make test
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 DEV_INSTALLED := $(VENV)/.dev-installed
 BUILT := $(VENV)/.built
+# requirements.txt and requirements-dev.txt name the direct dependencies with ranges; requirements.lock
+# pins every package they pull in (transitive ones included) to the versions the tests passed with.
+# torch is left out of the lock: it is TORCH_CPU below, or the CUDA build a GPU machine already has.
+LOCK := requirements.lock
+PIP_LOCKED := $(PY) -m pip install -q -c $(LOCK)
 # The CPU build of torch; override with your platform's CPU wheel if needed.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: quickstart test build
+.PHONY: quickstart test build lock
 
 quickstart: $(BUILT)
 	$(PY) prepare.py --dataset=bundled --vocab_size=4096
@@ -23,18 +30,37 @@ test: $(BUILT) $(DEV_INSTALLED)
 build: $(BUILT)
 
 # Without a CUDA GPU, take the CPU build of torch (from local disk here) instead of a multi-GB CUDA one.
-$(INSTALLED): requirements.txt
+$(INSTALLED): requirements.txt $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || command -v nvidia-smi >/dev/null || \
 		$(PY) -m pip install -q $(TORCH_CPU)
-	$(PY) -m pip install -q -r requirements.txt
+	$(PIP_LOCKED) -r requirements.txt
 	touch $@
 
 # Tests and benchmarks also need pytest and the peers they compare against.
-$(DEV_INSTALLED): $(INSTALLED) requirements-dev.txt
-	$(PY) -m pip install -q -r requirements-dev.txt
+$(DEV_INSTALLED): $(INSTALLED) requirements-dev.txt $(LOCK)
+	$(PIP_LOCKED) -r requirements-dev.txt
 	touch $@
 
 $(BUILT): $(INSTALLED) setup.py $(wildcard csrc/*.cpp csrc/*.h)
-	$(PY) -m pip install -q --no-build-isolation -e .
+	$(PIP_LOCKED) --no-build-isolation -e .
 	touch $@
+
+# A fresh resolution of the ranges in requirements*.txt, in a scratch venv, written as exact pins.
+# Review the diff of requirements.lock, run `make test` (it reinstalls), and commit both together.
+LOCK_VENV := build/lock-venv
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q $(TORCH_CPU)
+	$(LOCK_VENV)/bin/python -m pip install -q -r requirements-dev.txt
+	{ echo "# Every package that requirements.txt and requirements-dev.txt pull in, at the versions tested"; \
+	  echo "# together (torch aside: the Makefile's TORCH_CPU, or your CUDA build). Used as pip constraints"; \
+	  echo "# by the Makefile. Regenerate with 'make lock', never by hand."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable \
+	    | grep -v -i -E '^(torch|pip|setuptools|wheel|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)==' | LC_ALL=C sort -f; \
+	} > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf $(LOCK_VENV)
+	rm -f $(INSTALLED) $(DEV_INSTALLED) $(BUILT)
+	@echo "wrote $(LOCK); now: make test"

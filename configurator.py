@@ -10,12 +10,18 @@ Each argument is either a config file -- plain Python that assigns some of those
 literals (parsed with ast.literal_eval; anything that is not a literal is taken as a string) and must have
 the default's type (an int is accepted where a float is expected; None only where the default is None).
 An unknown key is an error that names the closest ones. UPPER_CASE globals are a script's constants, not
-settings.
+settings. --help (or -h) prints the script's docstring and every setting with its default and its comment,
+read from the script's own settings block, and exits.
 """
 import ast
 import difflib
 import inspect
+import io
 import os
+import shutil
+import sys
+import textwrap
+import tokenize
 
 SETTING_TYPES = (bool, int, float, str, tuple, list, type(None))
 
@@ -79,8 +85,66 @@ def _parse_value(text: str):
         return text  # a bare word, e.g. --device=cuda
 
 
-def configure(defaults: dict, argv) -> dict:
-    """Apply config files and --key=value overrides in argv to defaults; return all settings."""
+def _command_line_form(value) -> str:
+    return value if isinstance(value, str) and value else repr(value)
+
+
+def help_text(script_path: str, defaults: dict) -> str:
+    """The usage line, the script's docstring, then each setting as --key=default and its comment, in the
+    groups of the script's settings block: the `# --- settings` ruler to the next `# ---` ruler, where a
+    comment line of its own starts a group and one indented after the `#` continues the setting above it."""
+    with open(script_path, encoding="utf-8") as f:
+        source = f.read()
+    tree = ast.parse(source)
+    comments = {tok.start[0]: tok.string for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                if tok.type == tokenize.COMMENT}
+    assigned = {node.lineno: node.targets[0].id for node in tree.body
+                if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+                and node.targets[0].id in defaults}
+    lines = source.splitlines()
+    start = next((i + 1 for i, line in enumerate(lines) if line.startswith("# --- settings")), 1)
+    end = next((i + 1 for i, line in enumerate(lines) if i + 1 > start and line.startswith("# ---")), len(lines))
+    groups, described = [("settings", [])], set()  # [(title, [[key, comment], ...])]
+    for lineno in range(start + 1, end):
+        comment = comments.get(lineno, "")
+        if lineno in assigned:
+            key = assigned[lineno]
+            groups[-1][1].append([key, comment.lstrip("#").strip()])
+            described.add(key)
+        elif comment and lines[lineno - 1].lstrip() == lines[lineno - 1]:  # a comment line of its own
+            if comment.startswith("#  ") and groups[-1][1]:
+                groups[-1][1][-1][1] += " " + comment.lstrip("#").strip()
+            else:
+                groups.append((comment.lstrip("#").strip(), []))
+    rest = [[key, ""] for key in defaults if key not in described]  # set elsewhere in the script
+    groups.append(("other", rest))
+
+    name = os.path.basename(script_path)
+    width = min(shutil.get_terminal_size((100, 24)).columns, 110)
+    out = [f"usage: {name} [-h] [CONFIG.py ...] [--key=value ...]", "", (ast.get_docstring(tree, clean=False) or "").strip()]
+    for title, entries in groups:
+        if not entries:
+            continue
+        out += ["", f"{title}:"]
+        for key, comment in entries:
+            left = f"  --{key}={_command_line_form(defaults[key])}"
+            if not comment:
+                out.append(left)
+            elif len(left) <= 32:
+                out += textwrap.wrap(comment, width, initial_indent=left.ljust(34), subsequent_indent=" " * 34)
+            else:
+                out += [left] + textwrap.wrap(comment, width, initial_indent=" " * 34, subsequent_indent=" " * 34)
+    return "\n".join(out) + "\n"
+
+
+def configure(defaults: dict, argv, script_path: str = "") -> dict:
+    """Apply config files and --key=value overrides in argv to defaults; return all settings. With -h or
+    --help in argv, print help_text(script_path, defaults) and exit 0."""
+    if "-h" in argv or "--help" in argv:
+        if not script_path:
+            raise ConfigError("--help: this program has no help text")
+        sys.stdout.write(help_text(script_path, defaults))
+        raise SystemExit(0)
     settings = dict(defaults)
     for arg in argv:
         if not arg.startswith("--"):

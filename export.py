@@ -239,7 +239,7 @@ def main():
 
 if __name__ == "__main__":
     try:
-        globals().update(configure(settings_of(globals()), sys.argv[1:]))
+        globals().update(configure(settings_of(globals()), sys.argv[1:], __file__))
         main()
     except (ConfigError, ExportError, SampleError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")

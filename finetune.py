@@ -45,22 +45,22 @@ from train import (TrainError, append_log, batch_seed, catch_stop_signals, check
 
 # --- settings -------------------------------------------------------------------------------------------
 # I/O
-out_dir = "out/chat"
+out_dir = "out/chat"  # where checkpoints, the log, the loss curve and eval.json go
 base_dir = "out/quickstart"  # the pretrained run (train.py's out_dir) to start from
 base_checkpoint = "best"  # its "best" or "last" checkpoint
 data = "data/instruct/train.jsonl"  # conversations to train on (JSONL)
 val_data = "data/instruct/val.jsonl"  # held-out conversations; "": a seeded val_fraction of data
-val_fraction = 0.1
+val_fraction = 0.1  # share of data held out for val when val_data is ""
 init_from = "scratch"  # "scratch" (from the base model), "resume" (from out_dir/last) or "auto"
 eval_interval = 100  # iterations between evaluations (and checkpoints)
 eval_iters = 20  # batches per loss evaluation, per split
-log_interval = 10
+log_interval = 10  # iterations between log lines
 eval_only = False  # evaluate out_dir/best (response loss, instruction following) and exit
 merge = False  # fold out_dir/best's adapter into the base model, save out_dir/merged, and exit
 # the generated instruction data (--make_data)
 make_data = False  # write make_data_dir/{train,val}.jsonl from the stories, then exit
 stories = "data/tinystories_sample/train.txt.gz"  # documents separated by <|endoftext|> lines
-make_data_dir = "data/instruct"
+make_data_dir = "data/instruct"  # where --make_data writes train.jsonl and val.jsonl
 max_chars = 400  # each instruction + response fits in this many characters (about 110 tokens of bpe4096)
 # fine-tuning
 mode = "lora"  # "lora" (train adapters and the chat-token rows) or "full" (train every weight)
@@ -69,18 +69,18 @@ lora_alpha = 16.0  # the update is scaled by lora_alpha / lora_r
 lora_dropout = 0.0  # dropout on the adapters' input
 lora_targets = "attn,mlp"  # comma-separated: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj; attn or mlp = both
 batch_size = 16  # conversations per micro-batch, padded on the right to the longest
-gradient_accumulation_steps = 1
+gradient_accumulation_steps = 1  # micro-batches per optimizer step
 # AdamW
-learning_rate = 1e-3
-max_iters = 600
-weight_decay = 0.0
-beta1 = 0.9
-beta2 = 0.95
+learning_rate = 1e-3  # peak, after warmup
+max_iters = 600  # optimizer steps in all
+weight_decay = 0.0  # AdamW's, on matrices only
+beta1 = 0.9  # AdamW's momentum
+beta2 = 0.95  # AdamW's second-moment decay
 grad_clip = 1.0  # 0 disables
 decay_lr = True  # linear warmup, then cosine decay to min_lr at lr_decay_iters
-warmup_iters = 20
+warmup_iters = 20  # iterations of linear warmup from 0
 lr_decay_iters = 0  # 0: max_iters
-min_lr = 1e-4
+min_lr = 1e-4  # the learning rate at the end of the decay
 # the instruction-following evaluation, after training and with --eval_only
 eval_instructions = 150  # held-out generated instructions (an equal share of each task); 0 skips it
 eval_batch_size = 50  # prompts generated together, left-padded
@@ -88,7 +88,7 @@ eval_batch_size = 50  # prompts generated together, left-padded
 device = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "mps"
 dtype = "auto"  # "auto" (bfloat16 on CUDA when supported, else float32), "float32", "bfloat16", "float16"
 num_threads = 0  # CPU threads for torch; 0: all cores
-seed = 1337
+seed = 1337  # batches, the val split, the generated data and the adapters' initial weights
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -909,7 +909,7 @@ def main():
 
 if __name__ == "__main__":
     try:
-        globals().update(configure(settings_of(globals()), sys.argv[1:]))
+        globals().update(configure(settings_of(globals()), sys.argv[1:], __file__))
         main()
     except (ConfigError, TrainError, SampleError, FinetuneError, PrepareError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")

@@ -43,7 +43,7 @@ class GPTConfig:
     mlp: str = "gelu"  # "gelu" (4x wide) or "swiglu" (gated, about 8/3x wide)
     tie_embeddings: bool = True  # the output projection shares the token embedding matrix
     rope_theta: float = 10000.0
-    kernels: str = "auto"  # attention and loss: "triton" (kernels/, CUDA), "torch", "auto" (triton on CUDA)
+    kernels: str = "auto"  # attention and loss: "triton" (triton_ops/, CUDA), "torch", "auto" (triton on CUDA)
 
     def __post_init__(self):
         choices = {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"),
@@ -77,11 +77,11 @@ class GPTConfig:
 
 # --- the two hot functions: attention and the loss ------------------------------------------------------
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None  # imported only when used (kernels/)
+HAS_TRITON = importlib.util.find_spec("triton") is not None  # imported only when used (triton_ops/)
 
 
 def use_triton_kernels(kernels: str, device) -> bool:
-    """Whether attention and the loss run as our Triton kernels (kernels/) on device, for
+    """Whether attention and the loss run as our Triton kernels (triton_ops/) on device, for
     GPTConfig.kernels: "auto" on CUDA when triton is installed, "triton" always (or an error), "torch" never."""
     if kernels == "torch" or (kernels == "auto" and not (device.type == "cuda" and HAS_TRITON)):
         return False
@@ -100,7 +100,7 @@ def causal_attention(q, k, v, dropout_p: float = 0.0, kernels: str = "torch"):
     falls back to SDPA and "triton" raises."""
     Tq, Tk = q.size(2), k.size(2)
     if Tq == Tk and use_triton_kernels(kernels, q.device) and (dropout_p == 0 or kernels == "triton"):
-        from kernels.attention import flash_attention
+        from triton_ops.attention import flash_attention
         return flash_attention(q, k, v, dropout_p)
     if Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
@@ -117,9 +117,9 @@ def causal_attention(q, k, v, dropout_p: float = 0.0, kernels: str = "torch"):
 def lm_head_loss(x, weight, targets, ignore_index: int = -100, kernels: str = "torch"):
     """Mean next-token cross-entropy of the logits x @ weight^T against targets. x: (B, T, C).
     On the CPU the logits are never held whole (ChunkedLinearCrossEntropy), nor with Triton kernels
-    (kernels/cross_entropy.py, see use_triton_kernels); elsewhere PyTorch's ops."""
+    (triton_ops/cross_entropy.py, see use_triton_kernels); elsewhere PyTorch's ops."""
     if use_triton_kernels(kernels, x.device):
-        from kernels.cross_entropy import linear_cross_entropy
+        from triton_ops.cross_entropy import linear_cross_entropy
         return linear_cross_entropy(x.reshape(-1, x.size(-1)), weight, targets.reshape(-1), ignore_index)
     if x.device.type == "cpu":
         want_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)

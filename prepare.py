@@ -51,7 +51,8 @@ class DownloadError(PrepareError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Tokenize a text corpus into data/<name>/{train,val}.bin + meta.json.")
+    # The docstring as the description, as train.py/sample.py/... print theirs (configurator.help_text).
+    p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["tinystories", "bundled"], default="tinystories",
                      help="tinystories: download roneneldan/TinyStories from the Hugging Face hub; bundled: the "
                           "4,043 stories in data/tinystories_sample/train.txt.gz (no network). Default tinystories")

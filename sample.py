@@ -28,12 +28,12 @@ out_dir = "out/quickstart"  # a train.py output directory
 checkpoint = "best"  # "best" (lowest val loss) or "last"
 start = ""  # the prompt, or FILE:path to read it from a file; "" starts a fresh document. A special token's
 #             text (<|endoftext|>) in it is that token; in a --chat message it is plain text
-num_samples = 3
-max_new_tokens = 256
+num_samples = 3  # samples to generate, one after another
+max_new_tokens = 256  # tokens per sample at most (it also stops at <|endoftext|>)
 temperature = 0.8  # 0: greedy
 top_k = 200  # keep the k most likely tokens; 0: all
 top_p = 1.0  # keep the smallest set of tokens with this much probability; 1.0: all
-seed = 1337
+seed = 1337  # of the sampling generator: the same seed, the same samples
 device = "auto"  # "auto", "cpu", "cuda", "mps"
 show_probs = False  # print the next-token probability table for the prompt instead of sampling
 show_top = 10  # rows of that table
@@ -271,7 +271,7 @@ def main():
 
 if __name__ == "__main__":
     try:
-        globals().update(configure(settings_of(globals()), sys.argv[1:]))
+        globals().update(configure(settings_of(globals()), sys.argv[1:], __file__))
         main()
     except BrokenPipeError:  # `python sample.py | head`: the reader has gone, which is no error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -16,7 +16,12 @@ setup(
     name="nanoslm",
     version="0.1.0",
     description="Build a small language model from scratch on one machine",
-    py_modules=["tokenizer", "data", "prepare", "configurator"],
+    # Only the extension goes into site-packages. The library modules (tokenizer.py, data.py, model.py, ...)
+    # are imported from the repository root, where the scripts run: installed, generic names like `data` or
+    # `model` would shadow a user's own modules (and a package of the same name) in every other project.
+    # tests/ and bench/ put the root on sys.path themselves.
+    py_modules=[],
+    packages=[],
     ext_modules=[
         Pybind11Extension(
             "_nanoslm",

@@ -34,7 +34,7 @@ from tokenizer import atomic_write, replace_directory, special_tokens_path
 
 # --- settings -------------------------------------------------------------------------------------------
 # I/O
-out_dir = "out/quickstart"
+out_dir = "out/quickstart"  # where checkpoints, the log and the loss curve go
 data_dir = "data/bundled"  # written by prepare.py
 init_from = "scratch"  # "scratch", "resume" (from out_dir/last) or "auto" (resume if there is a checkpoint)
 eval_interval = 200  # iterations between evaluations (and checkpoints)
@@ -46,34 +46,34 @@ batch_size = 16  # sequences per micro-batch
 block_size = 256  # tokens per sequence
 gradient_accumulation_steps = 1  # micro-batches per optimizer step, summed over all processes
 # model (vocab_size comes from the data)
-n_layer = 4
-n_head = 4
-n_embd = 128
-dropout = 0.0
-bias = False
+n_layer = 4  # transformer blocks
+n_head = 4  # attention heads per block (n_embd must divide by it)
+n_embd = 128  # width of the residual stream
+dropout = 0.0  # on attention and residual outputs while training
+bias = False  # biases in the linear layers and norms
 pos = "learned"  # "learned" or "rope"
 norm = "layernorm"  # "layernorm" or "rmsnorm"
 mlp = "gelu"  # "gelu" or "swiglu"
-tie_embeddings = True
+tie_embeddings = True  # the output head shares the token embedding matrix
 # AdamW
-learning_rate = 1e-3
-max_iters = 2000
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.95
+learning_rate = 1e-3  # peak, after warmup
+max_iters = 2000  # optimizer steps in all
+weight_decay = 0.1  # on matrices only, not on norms, biases or embeddings
+beta1 = 0.9  # AdamW's momentum
+beta2 = 0.95  # AdamW's second-moment decay
 grad_clip = 1.0  # clip the gradient norm to this; 0 disables
 # learning rate schedule: linear warmup, then cosine decay to min_lr at lr_decay_iters
-decay_lr = True
-warmup_iters = 100
+decay_lr = True  # False: a constant learning_rate
+warmup_iters = 100  # iterations of linear warmup from 0
 lr_decay_iters = 0  # 0: max_iters
-min_lr = 1e-4
+min_lr = 1e-4  # the learning rate at the end of the decay
 # system
 device = "auto"  # "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:1", "mps"
 dtype = "auto"  # "auto" (bfloat16 on CUDA when supported, else float32), "float32", "bfloat16", "float16"
 compile = False  # torch.compile the model (falls back to eager, with a warning, where it cannot)
 kernels = "auto"  # attention and loss as our Triton kernels: "auto" (on CUDA), "triton" or "torch"
 num_threads = 0  # CPU threads for torch; 0: all cores (shared between processes under torchrun)
-seed = 1337
+seed = 1337  # of the initial weights and of every batch drawn
 peak_flops = 0.0  # the accelerator's peak FLOP/s for MFU; 0: look it up for known GPUs
 # --------------------------------------------------------------------------------------------------------
 
@@ -381,6 +381,19 @@ def compile_or_eager(model, x, y, autocast):
     return compiled
 
 
+def micro_steps_per_process(accumulation, batch, world_size) -> int:
+    """Each process's share of an optimizer step's micro-batches; an error with the flags to add when they do
+    not share out evenly (the CPU configs accumulate 1 micro-batch: under torchrun, 2 processes need 2)."""
+    if accumulation % world_size == 0:
+        return accumulation // world_size
+    fitted = math.ceil(accumulation / world_size) * world_size
+    flags = f"--gradient_accumulation_steps={fitted}"
+    if batch * accumulation % fitted == 0:  # the same sequences per step
+        flags += f" --batch_size={batch * accumulation // fitted}"
+    raise ConfigError(f"gradient_accumulation_steps={accumulation} must be a multiple of the number of processes "
+                      f"({world_size}), which share each step's micro-batches: add {flags}")
+
+
 def main():
     ddp, rank, local_rank, world_size = setup_distributed()
     master = rank == 0
@@ -399,10 +412,7 @@ def main():
                      eval_iters=eval_iters, log_interval=log_interval,
                      gradient_accumulation_steps=gradient_accumulation_steps)
     require_at_least(0, max_iters=max_iters, warmup_iters=warmup_iters, lr_decay_iters=lr_decay_iters)
-    if gradient_accumulation_steps % world_size:
-        raise ConfigError(f"gradient_accumulation_steps {gradient_accumulation_steps} must be a multiple of "
-                          f"the number of processes ({world_size})")
-    micro_steps = gradient_accumulation_steps // world_size
+    micro_steps = micro_steps_per_process(gradient_accumulation_steps, batch_size, world_size)
     if init_from not in ("scratch", "resume", "auto"):
         raise ConfigError(f"init_from={init_from!r}: choose scratch, resume or auto")
 
@@ -578,7 +588,7 @@ def main():
 
 if __name__ == "__main__":
     try:
-        globals().update(configure(settings_of(globals()), sys.argv[1:]))
+        globals().update(configure(settings_of(globals()), sys.argv[1:], __file__))
         main()
     except (ConfigError, TrainError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")

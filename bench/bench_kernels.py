@@ -1,5 +1,5 @@
 """
-Our Triton kernels (kernels/) against PyTorch on one GPU, bf16, each printing the ratio measured in this run:
+Our Triton kernels (triton_ops/) against PyTorch on one GPU, bf16, each printing the ratio measured in this run:
 
     python bench/bench_kernels.py                        # all three, on CUDA
     python bench/bench_kernels.py --only=attention       # or cross_entropy, or train
@@ -23,7 +23,7 @@ import sys
 import time
 
 if "--smoke" in sys.argv:
-    os.environ["TRITON_INTERPRET"] = "1"  # before kernels/ is imported
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton_ops/ is imported
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -32,8 +32,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from kernels.attention import flash_attention  # noqa: E402
-from kernels.cross_entropy import linear_cross_entropy  # noqa: E402
+from triton_ops.attention import flash_attention  # noqa: E402
+from triton_ops.cross_entropy import linear_cross_entropy  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 

@@ -1,7 +1,7 @@
-"""kernels/: the Triton attention and fused linear cross-entropy against float64 PyTorch references, values
+"""triton_ops/: the Triton attention and fused linear cross-entropy against float64 PyTorch references, values
 and gradients, on odd shapes; the model with kernels='triton' against kernels='torch'; torch.compile,
 autocast and DDP. Without CUDA every kernel runs in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1,
-set below before kernels/ is imported: @triton.jit reads it when it wraps a kernel); with CUDA the same tests
+set below before triton_ops/ is imported: @triton.jit reads it when it wraps a kernel); with CUDA the same tests
 run the compiled kernels. Nothing else in the suite imports triton, so the variable is harmless to the other
 test files (and to the train.py processes they start, which use kernels='auto', torch on a CPU).
 Tolerances (max abs and rel error against float64): fp32 1e-5, fp16 5e-3, bf16 5e-2 (bf16 has 8 bits of
@@ -20,8 +20,8 @@ triton = pytest.importorskip("triton")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from kernels.attention import attention_backward, attention_forward, attention_reference, flash_attention  # noqa: E402
-from kernels.cross_entropy import (linear_cross_entropy, linear_cross_entropy_forward,  # noqa: E402
+from triton_ops.attention import attention_backward, attention_forward, attention_reference, flash_attention  # noqa: E402
+from triton_ops.cross_entropy import (linear_cross_entropy, linear_cross_entropy_forward,  # noqa: E402
                                    linear_cross_entropy_reference)
 from model import GPT, GPTConfig, use_triton_kernels  # noqa: E402
 
@@ -371,7 +371,7 @@ sys.path.insert(0, {root!r})
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource, compile
-from kernels import attention, cross_entropy
+from triton_ops import attention, cross_entropy
 if not os.path.exists(get_ptxas(90).path):
     sys.exit(3)
 

@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from configurator import ConfigError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
 TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
@@ -209,12 +211,29 @@ def test_each_ddp_process_resumes_from_its_own_random_state(data_dirs, tmp_path)
         assert torch.equal(a[name], b[name]), name
 
 
+def test_micro_batches_must_share_out_over_the_processes():
+    from train import micro_steps_per_process
+    assert micro_steps_per_process(4, 64, 2) == 2
+    assert micro_steps_per_process(1, 16, 1) == 1
+    with pytest.raises(ConfigError, match="add --gradient_accumulation_steps=2 --batch_size=8$"):
+        micro_steps_per_process(1, 16, 2)  # config/quickstart.py under torchrun --nproc_per_node=2
+    with pytest.raises(ConfigError, match="add --gradient_accumulation_steps=8 --batch_size=32$"):
+        micro_steps_per_process(4, 64, 8)
+    with pytest.raises(ConfigError, match="add --gradient_accumulation_steps=4$"):
+        micro_steps_per_process(3, 5, 2)  # 15 sequences cannot be 4 equal micro-batches
+
+
 def test_two_gloo_processes_train_like_one(data_dirs, tmp_path):
     common = [*TINY, f"--data_dir={data_dirs[0]}", "--max_iters=6", "--eval_interval=100",
               "--gradient_accumulation_steps=2"]
     single, ddp = str(tmp_path / "single"), str(tmp_path / "ddp")
     run("train.py", *common, f"--out_dir={single}")
     torchrun = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    # a CPU config (1 micro-batch a step) under torchrun: the error says what to add, and nothing is written
+    proc = subprocess.run([*torchrun, "train.py", *TINY, f"--data_dir={data_dirs[0]}", f"--out_dir={ddp}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0 and "add --gradient_accumulation_steps=2 --batch_size=4" in proc.stderr, proc.stderr
+    assert not os.path.exists(ddp)
     proc = subprocess.run([*torchrun, "train.py", *common, f"--out_dir={ddp}"], cwd=ROOT, capture_output=True,
                           text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr

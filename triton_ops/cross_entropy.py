@@ -2,7 +2,7 @@
 The output projection and cross-entropy fused, for CUDA: the mean loss of the logits x @ weight^T against
 targets, without ever holding all (N, V) logits.
 
-    from kernels.cross_entropy import linear_cross_entropy
+    from triton_ops.cross_entropy import linear_cross_entropy
     loss = linear_cross_entropy(x, weight, targets)   # x (N, d), weight (V, d), targets (N,); -100 is ignored
 
     python -m pytest -q tests/test_kernels.py -k cross_entropy   # CPU: Triton's interpreter against the reference

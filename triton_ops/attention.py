@@ -1,7 +1,7 @@
 """
 Causal self-attention as Triton kernels, flash-attention style: forward and backward, for CUDA.
 
-    from kernels.attention import flash_attention
+    from triton_ops.attention import flash_attention
     y = flash_attention(q, k, v)   # q, k, v: (B, nh, T, hs) -> y: (B, nh, T, hs), = SDPA(q, k, v, is_causal=True)
 
     python -m pytest -q tests/test_kernels.py -k attention   # CPU: Triton's interpreter against attention_reference
