@@ -25,27 +25,14 @@ import json
 import os
 import struct
 import sys
-import time
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from system import native
 
-def _import_native():
-    # another build may be replacing the .so at this moment: give it a few seconds before giving up
-    for attempt in range(5):
-        try:
-            import _nanoslm
-            return _nanoslm
-        except ImportError as e:
-            error = e
-            time.sleep(1 + attempt)
-    raise ImportError("the native extension _nanoslm is not built: run `make build` or "
-                      "`python setup.py build_ext --inplace` in the repository root") from error
-
-
-_nanoslm = _import_native()
+_nanoslm = native()
 
 # -----------------------------------------------------------------------------
 # the token file format

@@ -20,9 +20,12 @@ import tempfile
 
 import torch
 
-from configurator import ConfigError, configure, settings_of
-from sample import SampleError, fold_lora, load_for_inference
-from tokenizer import EOT, Tokenizer, replace_directory
+from chat import IM_END, jinja_template
+from checkpoint import load_run
+from configurator import configure, settings_of
+from files import replace_directory
+from lora import merge_lora
+from tokenizer import EOT, Tokenizer
 
 # --- settings -------------------------------------------------------------------------------------------
 out_dir = "out/quickstart"  # the train.py run to export
@@ -168,17 +171,6 @@ def hf_tokenizer(tok: Tokenizer):
     return hf
 
 
-def chat_template(tok: Tokenizer):
-    """finetune.py's ChatML template in Jinja, for a tokenizer with the chat tokens (None without them):
-    tokenizing its text gives render_conversation's ids, unless a message holds a special token's text."""
-    if "<|im_start|>" not in tok.special_tokens or "<|im_end|>" not in tok.special_tokens:
-        return None
-    opening = "{{ '" + EOT + "' }}" if tok.eot_token is not None else ""
-    return (opening + "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + "
-            "message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
-            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-
-
 def check_dest(dest_dir, run_dir=None):
     """Refuse a dest whose replacement would destroy something other than a previous export."""
     target = os.path.realpath(dest_dir)
@@ -204,8 +196,8 @@ def export_hf(model, tok: Tokenizer, dest_dir: str, run_dir=None):
     special = dict(eos_token=EOT, bos_token=EOT, pad_token=EOT, unk_token=None) if EOT in tok.special_tokens else {}
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=hf_tokenizer(tok), clean_up_tokenization_spaces=False,
                                      model_max_length=model.config.block_size, **special)
-    hf_tok.chat_template = chat_template(tok)
-    stops = [tok.special_tokens[t] for t in ("<|im_end|>", EOT) if t in tok.special_tokens]
+    hf_tok.chat_template = jinja_template(tok)
+    stops = [tok.special_tokens[t] for t in (IM_END, EOT) if t in tok.special_tokens]
     if stops:  # a chat reply ends at <|im_end|>, a document at <|endoftext|>
         hf_model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
         hf_model.generation_config.pad_token_id = tok.eot_token if tok.eot_token is not None else stops[0]
@@ -228,8 +220,8 @@ def main():
         import transformers  # noqa: F401
     except ImportError:
         raise ExportError("export needs transformers: pip install transformers") from None
-    model, tok, _ = load_for_inference(out_dir, checkpoint)
-    fold_lora(model)  # a LoRA run: its base with the adapter folded in
+    model, tok, _ = load_run(out_dir, checkpoint)
+    merge_lora(model)  # a LoRA run: its base with the adapter folded in
     export_hf(model, tok, dest, out_dir)
     print(f"wrote {os.path.normpath(dest)}/ ({architecture(model.config)}: "
           f"{model.num_params(False) / 1e6:.2f}M parameters, "
@@ -241,5 +233,5 @@ if __name__ == "__main__":
     try:
         globals().update(configure(settings_of(globals()), sys.argv[1:], __file__))
         main()
-    except (ConfigError, ExportError, SampleError, OSError, ValueError) as e:
+    except (ExportError, OSError, ValueError) as e:  # ValueError: ConfigError, CheckpointError
         sys.exit(f"error: {e}")

@@ -16,38 +16,32 @@ Text is read and tokenized in chunks, so memory stays flat on any corpus size. A
 and a previous complete output in the same directory stays intact until the new one is complete.
 """
 import argparse
-import gzip
 import hashlib
 import itertools
 import json
 import os
-import re
-import socket
 import sys
-import unicodedata
-import zlib
-from urllib.parse import urlparse
 
 import numpy as np
 from tqdm import tqdm
 
+from corpus import (SUFFIXES, DownloadError, check_hub_reachable, clean, file_kind, read_file, read_tinystories,
+                    read_txt, val_mask)
 from data import HEADER_BYTES, TokenDataset, read_header, token_dtype_for, write_header
-from tokenizer import EOT, Tokenizer, atomic_write, special_tokens_path
+from files import DataError, atomic_write
+from tokenizer import EOT, Tokenizer, special_tokens_path
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUNDLED = os.path.join(ROOT, "data", "tinystories_sample", "train.txt.gz")
-HF_DATASET = "roneneldan/TinyStories"
 SPLITS = ("train", "val")
 STATE_FILE = ".prepare_state.json"
 CHUNK_CHARS = 16 << 20  # characters of text tokenized at a time: bounds memory, and the work lost to a crash
 
 
-class PrepareError(Exception):
-    """A problem with the user's input or options: reported as one line, without a traceback."""
-
-
-class DownloadError(PrepareError):
-    """The hub failed: unlike bad input, the same command may succeed later, so the run stays resumable."""
+def read_files(paths, args):
+    """The documents of the --input (or --val_input) files, one file after another."""
+    for path in paths:
+        yield from read_file(path, args.separator, args.text_field, CHUNK_CHARS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,199 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out_dir", default="data", help="parent of the output directory (default data)")
     return p
 
-# -----------------------------------------------------------------------------
-# reading documents: every reader yields the raw text of each document, in file order
-
-SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
-
-
-def file_kind(path: str) -> str:
-    for suffix in SUFFIXES:
-        if path.endswith(suffix):
-            return suffix
-    raise PrepareError(f"{path}: unsupported file type; --input takes {', '.join(SUFFIXES)}")
-
-
-def read_lines(path: str):
-    """(line number, text) of each line of a UTF-8 text file (gzipped if it ends in .gz), with \\n endings."""
-    opener = gzip.open if path.endswith(".gz") else open
-    offset = 0
-    try:
-        with opener(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    where = "uncompressed byte" if path.endswith(".gz") else "byte"
-                    raise PrepareError(f"{path} is not valid UTF-8: {e.reason} at {where} {offset + e.start:,} "
-                                       f"(line {lineno}); convert it to UTF-8 first") from None
-                offset += len(raw)
-                if lineno == 1:
-                    line = line.lstrip("\ufeff")  # a byte order mark is not text
-                if line.endswith("\r\n"):
-                    line = line[:-2] + "\n"
-                yield lineno, line
-    except (gzip.BadGzipFile, EOFError, OSError, zlib.error) as e:
-        if isinstance(e, FileNotFoundError):
-            raise PrepareError(f"no such file: {path}") from None
-        raise PrepareError(f"cannot read {path}: {e}") from None
-
-
-def read_txt(path: str, separator: str):
-    """Documents of a text file: separated by lines that hold only <|endoftext|>, or by blank lines."""
-    lines, chars = [], 0
-    for lineno, line in read_lines(path):
-        is_break = line.strip() == EOT if separator == "eot" else not line.strip()
-        if is_break:
-            yield "".join(lines).strip("\n")
-            lines, chars = [], 0
-        else:
-            lines.append(line)
-            chars += len(line)
-            if chars > CHUNK_CHARS:  # one document is held whole: memory would grow with the file
-                raise PrepareError(f"{path}:{lineno}: a document longer than {CHUNK_CHARS:,} characters; "
-                                   + ("are the documents separated by lines holding only <|endoftext|>? "
-                                      "--separator=blankline splits at blank lines" if separator == "eot" else
-                                      "split the file into documents at blank lines"))
-    if lines:
-        yield "".join(lines).strip("\n")
-
-
-def read_jsonl(path: str, text_field: str):
-    """The text_field of each JSON object, one per line (blank lines are skipped)."""
-    for lineno, line in read_lines(path):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PrepareError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") \
-                from None
-        if not isinstance(obj, dict) or text_field not in obj:
-            found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-            raise PrepareError(f"{path}:{lineno}: no {text_field!r} field (found {found}); pick the field with "
-                               "--text_field")
-        text = obj[text_field]
-        if text is not None and not isinstance(text, str):
-            raise PrepareError(f"{path}:{lineno}: {text_field!r} is a {type(text).__name__}, not a string")
-        try:
-            (text or "").encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise PrepareError(f"{path}:{lineno}: {text_field!r} holds a lone surrogate {ascii(text[e.start])}, "
-                               "which is not text; fix the line") from None
-        yield text or ""
-
-
-def read_parquet(path: str, text_field: str):
-    """The text_field column of a parquet file, read a batch of rows at a time."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    try:
-        pf = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
-        raise PrepareError(f"cannot read {path} as parquet: {e}") from None
-    if text_field not in pf.schema_arrow.names:
-        raise PrepareError(f"{path} has no column {text_field!r} (it has {pf.schema_arrow.names}); pick one "
-                           "with --text_field")
-    batches = pf.iter_batches(batch_size=4096, columns=[text_field])
-    for first_row in itertools.count(0, 4096):
-        try:
-            batch = next(batches, None)
-            texts = batch.column(0).to_pylist() if batch is not None else []
-        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
-            raise PrepareError(f"cannot read {path} from row {first_row:,} on: {e}") from None
-        if batch is None:
-            return
-        for text in texts:
-            if text is not None and not isinstance(text, str):
-                raise PrepareError(f"{path}: column {text_field!r} holds {type(text).__name__}, not strings")
-            yield text or ""
-
-
-def read_file(path: str, args):
-    kind = file_kind(path)
-    if kind in (".txt", ".txt.gz"):
-        return read_txt(path, args.separator)
-    if kind in (".jsonl", ".jsonl.gz"):
-        return read_jsonl(path, args.text_field)
-    return read_parquet(path, args.text_field)
-
-
-def read_files(paths, args):
-    for path in paths:
-        yield from read_file(path, args)
-
-
-def check_hub_reachable(timeout: float = 5.0) -> None:
-    """Fail in seconds, not after minutes of retries, when the hub cannot be reached at all."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return  # offline mode: datasets answers from its cache or fails at once by itself
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)),
-                                 timeout=timeout).close()
-    except OSError as e:
-        raise DownloadError(offline_message(f"{url.hostname} is unreachable: {e}")) from None
-
-
-def offline_message(reason: str) -> str:
-    return (f"could not load {HF_DATASET} from the Hugging Face hub ({reason}). Without network access use "
-            "--dataset=bundled (4,043 stories shipped in data/tinystories_sample) or --input=PATH with your own "
-            ".txt/.jsonl/.parquet files")
-
-
-def read_tinystories(split: str):
-    """The stories of one split of TinyStories, streamed from the hub (nothing is held in memory)."""
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
-    n_read = 0
-    try:
-        import datasets
-        datasets.logging.set_verbosity_error()
-        for row in datasets.load_dataset(HF_DATASET, split=split, streaming=True):
-            yield row["text"]
-            n_read += 1
-    except Exception as e:  # any failure of the download machinery means the same thing to the user
-        reason = f"{type(e).__name__}: {str(e)[:200]}"
-        if n_read == 0:
-            raise DownloadError(offline_message(reason)) from None
-        raise DownloadError(f"the download of {HF_DATASET} ({split}) failed after {n_read:,} more stories "
-                            f"({reason}); re-run the same command to continue from the last chunk") from None
-
-# -----------------------------------------------------------------------------
-# cleaning, and the train/val split
-
-
-def clean(text: str, args) -> str:
-    if args.normalize:
-        text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
-        text = re.sub(r"[ \t]+", " ", text)
-        text = re.sub(r" +\n", "\n", text)
-        text = re.sub(r"\n{3,}", "\n\n", text)
-        text = text.strip()
-    if args.lowercase:
-        text = text.lower()
-    return text
-
-
-def val_mask(indices: np.ndarray, seed: int, fraction: float) -> np.ndarray:
-    """True where document index goes to val: splitmix64 of (seed, index) as a uniform draw in [0, 1)."""
-    with np.errstate(over="ignore"):
-        z = indices.astype(np.uint64) + np.uint64(seed % 2**64) * np.uint64(0xD1B54A32D192ED03)
-        z += np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
-    return (z >> np.uint64(11)).astype(np.float64) / 2**53 < fraction
-
-
 def make_passes(args):
     """The reads that make the two splits: (name, open the document stream, which split its documents go to),
     where the split is "train", "val" or "seeded" (decided per document by val_mask)."""
     if args.input:
         train_source = ("input", lambda: read_files(args.input, args))
     elif args.dataset == "bundled":
-        train_source = ("bundled", lambda: read_txt(BUNDLED, "eot"))
+        train_source = ("bundled", lambda: read_txt(BUNDLED, "eot", CHUNK_CHARS))
     else:
         train_source = ("tinystories_train", lambda: read_tinystories("train"))
     if args.val_input:
@@ -301,7 +109,7 @@ def read_chunks(stream, first_index: int, seed: int, val_fraction: float, args):
 def route(docs, first_index: int, seed: int, val_fraction: float, args):
     """(documents read, cleaned train texts, cleaned val texts, documents dropped as empty)."""
     to_val = val_mask(np.arange(first_index, first_index + len(docs)), seed, val_fraction)
-    texts = [clean(d, args) for d in docs]
+    texts = [clean(d, args.normalize, args.lowercase) for d in docs]
     train = [t for t, v in zip(texts, to_val) if not v and t.strip()]
     val = [t for t, v in zip(texts, to_val) if v and t.strip()]
     return len(docs), train, val, len(docs) - len(train) - len(val)
@@ -418,27 +226,27 @@ class Output:
 
 def check_args(args) -> None:
     if args.input and args.dataset == "bundled":
-        raise PrepareError("give either --input or --dataset=bundled, not both")
+        raise DataError("give either --input or --dataset=bundled, not both")
     for path in (args.input or []) + (args.val_input or []):
         file_kind(path)
         if not os.path.isfile(path):
-            raise PrepareError(f"no such file: {path}")
+            raise DataError(f"no such file: {path}")
     if not args.input and args.dataset == "tinystories":
         check_hub_reachable()
     if not 0.0 <= args.val_fraction < 1.0:
-        raise PrepareError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
+        raise DataError(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
     if args.vocab_size is not None:
         if args.vocab_size < 257:
-            raise PrepareError(f"--vocab_size={args.vocab_size} is too small: the 256 byte tokens and "
+            raise DataError(f"--vocab_size={args.vocab_size} is too small: the 256 byte tokens and "
                                f"{EOT} alone need 257")
         try:
             token_dtype_for(args.vocab_size)
         except ValueError as e:
-            raise PrepareError(str(e)) from None
+            raise DataError(str(e)) from None
 
 
-def empty_corpus(args) -> PrepareError:
-    return PrepareError(f"the corpus is empty: no documents with text were found in "
+def empty_corpus(args) -> DataError:
+    return DataError(f"the corpus is empty: no documents with text were found in "
                         f"{', '.join(args.input or [args.dataset])}")
 
 
@@ -453,7 +261,7 @@ def get_tokenizer(args, out: Output, passes) -> Tokenizer:
     try:
         tok = Tokenizer.train(itertools.chain([first], texts), args.vocab_size, special_tokens=[EOT], verbose=True)
     except ValueError as e:
-        raise PrepareError(f"cannot train the vocabulary: {e}") from None
+        raise DataError(f"cannot train the vocabulary: {e}") from None
     tok.save(out.tmp_vocab)
     return tok
 
@@ -572,11 +380,11 @@ def prepare(args) -> str:
         if state["splits"]["val"]["documents"] == 0 and (args.val_input or args.val_fraction > 0):
             one_document = (args.separator == "eot" and any(file_kind(path).startswith(".txt")
                                                             for path in args.input or []))
-            raise PrepareError(f"the val split is empty ({state['splits']['train']['documents']} documents in all): "
+            raise DataError(f"the val split is empty ({state['splits']['train']['documents']} documents in all): "
                                "give more documents, a larger --val_fraction, or --val_input"
                                + ("; a .txt without lines holding only <|endoftext|> is one document: "
                                   "--separator=blankline splits it at blank lines" if one_document else ""))
-    except PrepareError as e:
+    except DataError as e:
         state = out.load_state()
         if isinstance(e, DownloadError) and state and any(p["documents_read"] for p in state["passes"].values()):
             raise  # keep what the download brought so far: the same command continues from there
@@ -611,7 +419,7 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     try:
         out_dir = prepare(args)
-    except PrepareError as e:
+    except DataError as e:
         sys.exit(f"error: {e}")
     print(summary(out_dir))
 

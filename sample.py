@@ -10,18 +10,19 @@ Generate text from a trained model, streaming it as it comes; or show the next-t
 Settings are the globals below (configurator.py: config files or --key=value). The text goes to stdout,
 the speed of each sample to stderr, so `python sample.py > story.txt` keeps only the story.
 """
-import json
 import math
 import os
 import sys
 import time
 
 import torch
-from safetensors.torch import load_model
 
+from chat import IM_END, render_conversation
+from checkpoint import load_run
 from configurator import ConfigError, configure, settings_of
-from model import GPT, GPTConfig
-from tokenizer import Tokenizer
+from files import DataError
+from lora import merge_lora
+from system import pick_device
 
 # --- settings -------------------------------------------------------------------------------------------
 out_dir = "out/quickstart"  # a train.py output directory
@@ -44,78 +45,6 @@ adapter = ""  # a finetune.py LoRA run (or checkpoint directory) to apply to out
 # --------------------------------------------------------------------------------------------------------
 
 
-class SampleError(ValueError):  # a ValueError, so that errors of the copy finetune.py imports are caught too
-    pass
-
-
-def auto_device(requested):
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def load_tokenizer(run_dir, info):
-    """The tokenizer a run was trained with: GPT-2's, or the copy train.py left in the run directory."""
-    if info["name"] == "gpt2":
-        tok = Tokenizer.gpt2()
-    else:
-        path = os.path.join(run_dir, "tokenizer.tiktoken")
-        if not os.path.isfile(path):
-            raise SampleError(f"{run_dir} was trained with tokenizer {info['name']!r} but holds no tokenizer.tiktoken")
-        tok = Tokenizer.load(path)
-    if tok.content_hash != info["content_hash"]:
-        raise SampleError(f"the tokenizer for {run_dir} does not match the one it was trained with")
-    return tok
-
-
-def find_checkpoint(run_dir, which="best"):
-    """The checkpoint directory run_dir/<which>, or run_dir/last when best/ is missing."""
-    path = os.path.join(run_dir, which)
-    if not os.path.isdir(path) and which == "best":
-        path = os.path.join(run_dir, "last")
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        present = sorted(d for d in os.listdir(run_dir) if os.path.isfile(os.path.join(run_dir, d, "config.json"))
-                         ) if os.path.isdir(run_dir) else []
-        if present:
-            raise SampleError(f"no checkpoint {which!r} in {run_dir}; it has {', '.join(present)}")
-        raise SampleError(f"no checkpoint in {run_dir}: train one with `python train.py ...` "
-                          f"(looked for {config_path})")
-    return path
-
-
-def load_for_inference(run_dir, which="best", map_device="cpu"):
-    """(model in eval mode, tokenizer, config dict) from run_dir/<which>, falling back to last/ when best/
-    is missing; a LoRA checkpoint of finetune.py comes with its base model. Weights come from safetensors:
-    no pickle is loaded."""
-    path = find_checkpoint(run_dir, which)
-    if os.path.isfile(os.path.join(path, "adapter.safetensors")):
-        from finetune import load_lora_checkpoint
-        return load_lora_checkpoint(path, map_device)
-    config_path = os.path.join(path, "config.json")
-    with open(config_path) as f:
-        config = json.load(f)
-    model = GPT(GPTConfig(**config["model"]))
-    load_model(model, os.path.join(path, "model.safetensors"))
-    tok = load_tokenizer(run_dir, config["tokenizer"])
-    if tok.n_vocab > model.config.vocab_size:
-        raise SampleError(f"tokenizer has {tok.n_vocab} tokens but the model only {model.config.vocab_size}")
-    return model.to(map_device).eval(), tok, config
-
-
-def fold_lora(model):
-    """model with a finetune.py LoRA run's adapters folded into its weights (finetune.merge_lora): the same
-    model up to float rounding, one matrix product per layer instead of three. A plain model is left as it is."""
-    if any(".lora_" in name for name, _ in model.named_parameters()):
-        from finetune import merge_lora
-        merge_lora(model)
-    return model
-
-
 def read_prompt(text):
     if not text.startswith("FILE:"):
         return text
@@ -123,21 +52,21 @@ def read_prompt(text):
         with open(text[5:], encoding="utf-8") as f:
             return f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise SampleError(f"cannot read the prompt file {text[5:]}: {e}") from None
+        raise DataError(f"cannot read the prompt file {text[5:]}: {e}") from None
 
 
 def check_sampling_settings(vocab_size):
     """One clear error for settings that sampling cannot use."""
     if temperature < 0:
-        raise SampleError(f"temperature={temperature} must be 0 (greedy) or more")
+        raise ConfigError(f"temperature={temperature} must be 0 (greedy) or more")
     if top_k < 0:
-        raise SampleError(f"top_k={top_k} must be 0 (off) or more")
+        raise ConfigError(f"top_k={top_k} must be 0 (off) or more")
     if not 0 < top_p <= 1:
-        raise SampleError(f"top_p={top_p} must be in (0, 1]")
+        raise ConfigError(f"top_p={top_p} must be in (0, 1]")
     if not 1 <= show_top <= vocab_size:
-        raise SampleError(f"show_top={show_top} must be in [1, {vocab_size}] (the vocabulary)")
+        raise ConfigError(f"show_top={show_top} must be in [1, {vocab_size}] (the vocabulary)")
     if chat and show_probs and not start:
-        raise SampleError("--chat --show_probs needs --start: the user message to show the reply's first token for")
+        raise ConfigError("--chat --show_probs needs --start: the user message to show the reply's first token for")
 
 
 def prompt_ids(tok, text):
@@ -194,9 +123,8 @@ def stream_sample(model, tok, ids, stop_token, generator, dev):
 
 def chat_messages(tok, history):
     """The ids of history (a list of messages) in the chat template, ready for the assistant's answer."""
-    from finetune import IM_END, render_conversation
     if IM_END not in tok.special_tokens:
-        raise SampleError(f"the model of {out_dir} has no chat tokens: --chat needs a model fine-tuned with "
+        raise ConfigError(f"the model of {out_dir} has no chat tokens: --chat needs a model fine-tuned with "
                           "finetune.py (or an --adapter)")
     return render_conversation(tok, history, generation_prompt=True)[0]
 
@@ -238,13 +166,9 @@ def probability_table(model, tok, ids, rows):
 
 
 def main():
-    dev = auto_device(device)
-    if adapter:
-        from finetune import load_lora_checkpoint
-        model, tok, _ = load_lora_checkpoint(adapter, dev, base_dir=out_dir, base_which=checkpoint)
-    else:
-        model, tok, _ = load_for_inference(out_dir, checkpoint, dev)
-    fold_lora(model)  # also lets the C++ decoding step apply to a fine-tuned model
+    dev = pick_device(device)
+    model, tok, _ = load_run(out_dir, checkpoint, dev, adapter=adapter)
+    merge_lora(model)  # a LoRA fine-tune's adapters folded in: the C++ decoding step then applies to it too
     check_sampling_settings(model.config.vocab_size)
     model.pack_weights_()  # faster decoding on the CPU: the weights in one huge-page block
     prompt = read_prompt(start)
@@ -275,7 +199,7 @@ if __name__ == "__main__":
         main()
     except BrokenPipeError:  # `python sample.py | head`: the reader has gone, which is no error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (ConfigError, SampleError, OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # ValueError: ConfigError, DataError, CheckpointError
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit(130)

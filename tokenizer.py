@@ -22,63 +22,20 @@ import codecs
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
-try:
-    import _nanoslm
-except ImportError as e:  # the extension is not built yet
-    raise ImportError("the native extension _nanoslm is not built: run `make test` or "
-                      "`pip install -e . --no-build-isolation` in the repository root") from e
+from files import atomic_write
+from system import default_num_threads, native
+
+_nanoslm = native()
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 GPT2_RANKS = os.path.join(ASSETS_DIR, "gpt2.tiktoken")
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 EOT = "<|endoftext|>"
-
-
-def default_num_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def current_umask() -> int:
-    """The process's umask (reading it means setting it, so it is set back at once)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def atomic_write(path: str, data: bytes) -> None:
-    """Write data to path through a temporary file and a rename: a reader never sees half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def replace_directory(tmp: str, final: str) -> None:
-    """Swap the complete directory tmp in at final by renames: a reader finds the old whole or the new whole
-    (between the two renames, the old one waits beside it as .<name>.old). The directory gets the permissions
-    mkdir would give it (tempfile.mkdtemp makes 0700)."""
-    os.chmod(tmp, 0o777 & ~current_umask())
-    head, name = os.path.split(os.path.abspath(final))
-    old = os.path.join(head, f".{name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.isdir(final):
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def special_tokens_path(ranks_path: str) -> str:

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import prepare  # noqa: E402
 from data import TokenDataset  # noqa: E402
 from machine import cpu_name  # noqa: E402
-from tokenizer import default_num_threads  # noqa: E402
+from system import default_num_threads  # noqa: E402
 
 SHAPES = [(32, 256), (64, 512), (256, 1024)]  # (batch_size, block_size)
 

@@ -26,7 +26,8 @@ from tokenizers import models, pre_tokenizers, trainers  # noqa: E402
 
 from export import hf_tokenizer  # noqa: E402
 from machine import cpu_name  # noqa: E402
-from tokenizer import EOT, GPT2_PATTERN, GPT2_RANKS, Tokenizer, default_num_threads  # noqa: E402
+from system import default_num_threads  # noqa: E402
+from tokenizer import EOT, GPT2_PATTERN, GPT2_RANKS, Tokenizer  # noqa: E402
 
 
 def machine() -> str:

@@ -10,7 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import finetune  # noqa: E402
+import chat  # noqa: E402
 from export import ExportError, architecture, check_dest, export_hf, gpt2_model, load_exactly  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -73,13 +73,13 @@ def test_exported_tokenizers_give_our_ids(gpt2_tok, tmp_path):
 
 
 def test_chat_template_gives_our_ids_and_generation_stops_at_im_end(gpt2_tok, tmp_path):
-    tok = finetune.add_chat_tokens(gpt2_tok)
+    tok = chat.add_chat_tokens(gpt2_tok)
     hf_model, _ = export_hf(random_model(tok.n_vocab), tok, str(tmp_path / "hf"))
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there!\n  A dog?"},
                     {"role": "assistant", "content": " Once upon a time,\n\na dog. "}, {"role": "user", "content": "More"}]
     for messages, prompt in ((conversation, True), (conversation[:3], False)):
-        ours = finetune.render_conversation(tok, messages, generation_prompt=prompt)[0]
+        ours = chat.render_conversation(tok, messages, generation_prompt=prompt)[0]
         theirs = hf_tok.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=True, return_dict=False)
         assert list(theirs) == ours
     assert hf_model.generation_config.eos_token_id == [tok.special_tokens["<|im_end|>"], tok.eot_token]

@@ -14,7 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import chat
+import configurator
+import files
 import finetune as ft
+import instruct
+import lora
+import training
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 from test_train import ROOT, interrupt_after_steps, stories
@@ -25,7 +31,7 @@ STYLES = [dict(), LLAMA_STYLE, dict(bias=True)]
 
 @pytest.fixture(scope="module")
 def gpt2_chat():
-    return ft.add_chat_tokens(Tokenizer.gpt2())
+    return chat.add_chat_tokens(Tokenizer.gpt2())
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -56,8 +62,8 @@ def tiny(seed=0, **kw):
 def test_chat_tokens_and_template_ids(gpt2_chat):
     tok = gpt2_chat
     assert tok.special_tokens == {"<|endoftext|>": 50256, "<|im_start|>": 50257, "<|im_end|>": 50258}
-    assert tok.n_vocab == 50259 and tok.name == "gpt2+chat" and ft.add_chat_tokens(tok) is tok
-    ids, mask = ft.render_conversation(tok, [{"role": "user", "content": "Hi"}], generation_prompt=True)
+    assert tok.n_vocab == 50259 and tok.name == "gpt2+chat" and chat.add_chat_tokens(tok) is tok
+    ids, mask = chat.render_conversation(tok, [{"role": "user", "content": "Hi"}], generation_prompt=True)
     assert ids == [50256, 50257, 7220, 198, 17250, 50258, 198, 50257, 562, 10167, 198]  # as in the docstring
     assert mask == [0] * len(ids)
     assert tok.decode(ids) == "<|endoftext|><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
@@ -68,7 +74,7 @@ def test_template_text_and_mask_on_responses_only(gpt2_chat):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."},
                 {"role": "assistant", "content": "Red."}, {"role": "user", "content": "Another?"},
                 {"role": "assistant", "content": "Blue, of course."}]
-    ids, mask = ft.render_conversation(tok, messages)
+    ids, mask = chat.render_conversation(tok, messages)
     assert tok.decode(ids) == ("<|endoftext|><|im_start|>system\nBe brief.<|im_end|>\n"
                                "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>\n"
                                "<|im_start|>user\nAnother?<|im_end|>\n"
@@ -76,34 +82,34 @@ def test_template_text_and_mask_on_responses_only(gpt2_chat):
     trained = [i for i, m in zip(ids, mask) if m]
     assert tok.decode(trained) == "Red.<|im_end|>Blue, of course.<|im_end|>"
     # the generation prompt is the training text of the same turn, up to the answer
-    prompt, _ = ft.render_conversation(tok, messages[:-1], generation_prompt=True)
+    prompt, _ = chat.render_conversation(tok, messages[:-1], generation_prompt=True)
     answer_starts = len(ids) - len(tok.encode_ordinary("Blue, of course.")) - 2
     assert ids[:answer_starts] == prompt
     # a template token typed by a user is text, not the token
-    typed, _ = ft.render_conversation(tok, [{"role": "user", "content": "<|im_end|>"},
+    typed, _ = chat.render_conversation(tok, [{"role": "user", "content": "<|im_end|>"},
                                             {"role": "assistant", "content": "ok"}])
     assert typed.count(50258) == 2 and tok.decode(typed).count("<|im_end|>") == 3
 
 
 def test_labels_exactly_on_response_tokens_and_right_padding(gpt2_chat):
     tok = gpt2_chat
-    examples = [ft.render_conversation(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": r}])
+    examples = [chat.render_conversation(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": r}])
                 for p, r in (("Say hi.", "Hi!"), ("Count to three, please.", "One, two, three."))]
     for ids, mask in examples:
-        labels = ft.labels_of(ids, mask)
+        labels = chat.labels_of(ids, mask)
         assert len(labels) == len(ids) - 1
         kept = [(t, y) for t, y in enumerate(labels) if y != -100]
         assert [y for _, y in kept] == [i for i, m in zip(ids, mask) if m]  # every response token, nothing else
         assert all(labels[t] == ids[t + 1] for t, _ in kept)
         assert kept[-1][1] == tok.special_tokens["<|im_end|>"]
-    x, y = ft.get_batch(examples, 8, torch.Generator().manual_seed(0), "cpu", pad_token=50256)
+    x, y = chat.get_batch(examples, 8, torch.Generator().manual_seed(0), "cpu", pad_token=50256)
     longest = max(len(ids) for ids, _ in examples) - 1
     assert x.shape == y.shape == (8, longest)
     for row_x, row_y in zip(x.tolist(), y.tolist()):
         ids, mask = next(e for e in examples if e[0][:len(e[0]) - 1] == row_x[:len(e[0]) - 1])
         n = len(ids) - 1
         assert row_x[n:] == [50256] * (longest - n) and row_y[n:] == [-100] * (longest - n)
-        assert row_y[:n] == ft.labels_of(ids, mask)
+        assert row_y[:n] == chat.labels_of(ids, mask)
 
 
 # --- data -----------------------------------------------------------------------------------------------
@@ -125,8 +131,8 @@ def test_malformed_rows_name_the_line(tmp_path, line, message):
     path = tmp_path / "data.jsonl"
     good = '{"prompt": "hi", "response": "hello"}'
     path.write_text(f"{good}\n\n{good}\n{line}\n", encoding="utf-8")
-    with pytest.raises(ft.DataError) as e:
-        ft.read_conversations(str(path))
+    with pytest.raises(files.DataError) as e:
+        chat.read_conversations(str(path))
     assert "data.jsonl:4: " in str(e.value) and message in str(e.value)
 
 
@@ -134,13 +140,13 @@ def test_text_problems_name_the_line(tmp_path):
     path = tmp_path / "data.jsonl"
     good = '{"prompt": "hi", "response": "hello"}\n'.encode()
     path.write_bytes(good + '{"prompt": "caf\xe9", "response": "yo"}\n'.encode("latin-1"))
-    with pytest.raises(ft.DataError, match="data.jsonl:2: not valid UTF-8"):
-        ft.read_conversations(str(path))
+    with pytest.raises(files.DataError, match="data.jsonl:2: not valid UTF-8"):
+        chat.read_conversations(str(path))
     path.write_bytes(good + b'{"prompt": "\\ud800", "response": "yo"}\n')  # JSON escape of a lone surrogate
-    with pytest.raises(ft.DataError, match=r"data.jsonl:2: message 1 \(user\) is not valid Unicode"):
-        ft.read_conversations(str(path))
+    with pytest.raises(files.DataError, match=r"data.jsonl:2: message 1 \(user\) is not valid Unicode"):
+        chat.read_conversations(str(path))
     path.write_bytes(b"\xef\xbb\xbf" + good + good)  # a byte-order mark is not an error
-    assert len(ft.read_conversations(str(path))) == 2
+    assert len(chat.read_conversations(str(path))) == 2
 
 
 def test_eval_rows_share_out_the_tasks_and_skip_unusable_rows():
@@ -148,11 +154,11 @@ def test_eval_rows_share_out_the_tasks_and_skip_unusable_rows():
             + [([], {"task": "continue"})] * 3)
     unusable = [([], {"task": "words"}), ([], {"task": "begins", "begins": 5}), ([], {"other": 1})]
     rows = unusable + good
-    assert [r["task"] for _, r in ft.eval_rows(rows, 2)] == ["begins", "continue"]  # fewer than the tasks
-    assert [r["task"] for _, r in ft.eval_rows(rows, 7)] == ["begins"] * 3 + ["continue"] * 2 + ["words"] * 2
-    assert ft.eval_rows(rows, 100) == [r for task in ("begins", "continue", "words") for r in good
+    assert [r["task"] for _, r in instruct.eval_rows(rows, 2)] == ["begins", "continue"]  # fewer than the tasks
+    assert [r["task"] for _, r in instruct.eval_rows(rows, 7)] == ["begins"] * 3 + ["continue"] * 2 + ["words"] * 2
+    assert instruct.eval_rows(rows, 100) == [r for task in ("begins", "continue", "words") for r in good
                                        if r[1]["task"] == task]
-    assert ft.eval_rows(unusable, 10) == []
+    assert instruct.eval_rows(unusable, 10) == []
 
 
 def test_both_formats_and_the_seeded_split(tmp_path):
@@ -161,34 +167,34 @@ def test_both_formats_and_the_seeded_split(tmp_path):
     rows.append({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
                               {"role": "assistant", "content": "a"}]})
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
-    read = ft.read_conversations(str(path))
+    read = chat.read_conversations(str(path))
     assert read[0] == ([{"role": "user", "content": "p0"}, {"role": "assistant", "content": "r0"}], rows[0])
     assert [m["role"] for m in read[-1][0]] == ["system", "user", "assistant"]
     seed = 7
-    train, val = ft.split_rows(read, 0.1, seed)
+    train, val = chat.split_rows(read, 0.1, seed)
     assert len(val) == 2 and len(train) == 19 and not {id(r) for r in train} & {id(r) for r in val}
-    assert ft.split_rows(read, 0.1, seed) == (train, val) and ft.split_rows(read, 0.1, 8) != (train, val)
-    with pytest.raises(ft.DataError, match="no data file"):
-        ft.read_conversations(str(tmp_path / "missing.jsonl"))
+    assert chat.split_rows(read, 0.1, seed) == (train, val) and chat.split_rows(read, 0.1, 8) != (train, val)
+    with pytest.raises(files.DataError, match="no data file"):
+        chat.read_conversations(str(tmp_path / "missing.jsonl"))
 
 
 def test_instruction_generator(tmp_path):
     story = stories(0, 1)[0]
-    rows = ft.instructions_of(story, random.Random(0), 400)
+    rows = instruct.instructions_of(story, random.Random(0), 400)
     assert [r["task"] for r in rows] == ["words", "begins", "continue"]
     for row in rows:
         assert len(row["prompt"]) + len(row["response"]) <= 400
     words, begins, cont = rows
     assert words["prompt"] == f"Write a story that uses the words: {', '.join(words['words'])}."
-    assert len(set(words["words"])) == 3 and ft.obeys(words, words["response"])
+    assert len(set(words["words"])) == 3 and instruct.obeys(words, words["response"])
     assert begins["prompt"] == f"Write a story that begins with: {begins['begins']}"
-    assert begins["response"].startswith(begins["begins"]) and ft.obeys(begins, begins["response"])
-    assert not ft.obeys(begins, "Once upon a time.") and ft.obeys(cont, "anything") is None
+    assert begins["response"].startswith(begins["begins"]) and instruct.obeys(begins, begins["response"])
+    assert not instruct.obeys(begins, "Once upon a time.") and instruct.obeys(cont, "anything") is None
     long_words = " ".join(["The cat saw extraordinarily magnificent hippopotamuses.", "They photosynthesized "
                            "wonderfully.", "Everybody applauded.", "The end came quickly."] * 3)
     for seed in range(20):  # words this long make a longer prompt than the generator first allows for
-        for row in ft.instructions_of(long_words, random.Random(seed), 150):
-            assert len(row["prompt"]) + len(row["response"]) <= 150 and ft.obeys(row, row["response"]) is not False
+        for row in instruct.instructions_of(long_words, random.Random(seed), 150):
+            assert len(row["prompt"]) + len(row["response"]) <= 150 and instruct.obeys(row, row["response"]) is not False
     first_half = cont["prompt"][len("Continue this story: "):]
     assert story.startswith(first_half) and cont["response"] in story
     # deterministic, and the held-out split is prepare.py's
@@ -196,29 +202,28 @@ def test_instruction_generator(tmp_path):
     source.write_text("<|endoftext|>\n".join(stories(0, 60)), encoding="utf-8")
     outputs = []
     for name in ("a", "b"):
-        ft.write_instruct_data(str(source), str(tmp_path / name), 400, 0.1, 1337)
+        instruct.write_instruct_data(str(source), str(tmp_path / name), 400, 0.1, 1337)
         outputs.append([(tmp_path / name / f"{s}.jsonl").read_bytes() for s in ("train", "val")])
     assert outputs[0] == outputs[1] and outputs[0][1]
     for split in ("train", "val"):
-        ft.read_conversations(str(tmp_path / "a" / f"{split}.jsonl"))  # every row is well formed
+        chat.read_conversations(str(tmp_path / "a" / f"{split}.jsonl"))  # every row is well formed
 
 
 # --- LoRA -----------------------------------------------------------------------------------------------
 
 def lora_model(style, seed=0, targets="attn,mlp"):
     model = tiny(seed, **style)
-    n_base = ft.grow_vocab(model, 103)
-    ft.add_lora(model, ft.lora_layer_names(targets), r=4, alpha=8.0, dropout=0.0)
-    ft.train_new_rows_only(model, n_base)
+    n_base = lora.grow_vocab(model, 103)
+    lora.add_lora(model, lora.lora_layer_names(targets), r=4, alpha=8.0, dropout=0.0)
+    lora.train_new_rows_only(model, n_base)
     return model, n_base
 
 
 @pytest.mark.parametrize("style", [dict(), dict(tie_embeddings=False)])
 def test_lora_optimizer_state_keeps_only_the_new_rows(style):
-    from train import make_optimizer
     model, n_base = lora_model(style)
-    weights = ft.token_row_weights(model)
-    optimizer = make_optimizer(model.parameters(), "cpu", 1e-3, 0.1, (0.9, 0.95), no_decay=weights.values())
+    weights = lora.token_row_weights(model)
+    optimizer = training.make_optimizer(model.parameters(), "cpu", 1e-3, 0.1, (0.9, 0.95), no_decay=weights.values())
     model.train()
     for seed in range(2):
         x = torch.randint(0, 103, (2, 8), generator=torch.Generator().manual_seed(seed))
@@ -227,18 +232,18 @@ def test_lora_optimizer_state_keeps_only_the_new_rows(style):
         optimizer.step()
         optimizer.zero_grad()
     full = optimizer.state_dict()
-    compact = ft.compact_optimizer_state(optimizer, model, n_base)
-    rows = ft.token_row_moments(optimizer, model)
+    compact = lora.compact_optimizer_state(optimizer, model, n_base)
+    rows = lora.token_row_moments(optimizer, model)
     assert len(rows) == len(weights)
     for i in rows:
         assert not full["state"][i]["exp_avg"][:n_base].any()  # the base rows' moments are exactly zero
         assert compact["state"][i]["exp_avg"].shape[0] == 103 - n_base and full["state"][i]["exp_avg"].shape[0] == 103
-    expanded = ft.expand_optimizer_state(compact, optimizer, model, n_base)
+    expanded = lora.expand_optimizer_state(compact, optimizer, model, n_base)
     assert expanded["state"].keys() == full["state"].keys()
     for i, moments in full["state"].items():
         for key, value in moments.items():
             assert torch.equal(expanded["state"][i][key], value), (i, key)
-    unchanged = ft.expand_optimizer_state(full, optimizer, model, n_base)  # a full state (an older checkpoint)
+    unchanged = lora.expand_optimizer_state(full, optimizer, model, n_base)  # a full state (an older checkpoint)
     assert all(torch.equal(unchanged["state"][i]["exp_avg"], full["state"][i]["exp_avg"]) for i in rows)
 
 
@@ -264,8 +269,8 @@ def test_lora_at_init_equals_base_and_merged_equals_unmerged(style):
     with torch.inference_mode():  # the C++ decoding step knows plain layers only: it stands aside for adapters
         assert model.native_decoder(model.new_caches(1)) is None
     adapted_tokens = model.generate(idx[:1], 12, temperature=0)
-    ft.merge_lora(model)
-    assert not any(isinstance(m, ft.LoRALinear) for m in model.modules())
+    lora.merge_lora(model)
+    assert not any(isinstance(m, lora.LoRALinear) for m in model.modules())
     merged, _ = model(idx)
     torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
     assert torch.equal(model.generate(idx[:1], 12, temperature=0), adapted_tokens)  # merged: the C++ step
@@ -277,14 +282,14 @@ def test_only_adapter_weights_and_new_rows_learn(style):
     model, n_base = lora_model(style)
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = ft.make_optimizer(model.parameters(), "cpu", 1e-2, 0.1, (0.9, 0.95),
-                                  no_decay=ft.token_row_weights(model).values())
+    optimizer = training.make_optimizer(model.parameters(), "cpu", 1e-2, 0.1, (0.9, 0.95),
+                                  no_decay=lora.token_row_weights(model).values())
     x = torch.randint(0, 103, (4, 16))
     for _ in range(3):
         _, loss = model(x, x)
         loss.backward()
         grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-        rows = set(ft.token_row_weights(model))
+        rows = set(lora.token_row_weights(model))
         assert set(grads) == {n for n, _ in model.named_parameters() if ".lora_" in n} | rows
         for name in rows:
             assert not grads[name][:n_base].any() and grads[name][n_base:].any()
@@ -307,7 +312,7 @@ def test_adapter_file_is_small_and_round_trips(tmp_path):
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.normal_()
-    tensors = ft.adapter_tensors(model, n_base)
+    tensors = lora.adapter_tensors(model, n_base)
     assert set(tensors) == {f"transformer.h.{i}.{layer}.lora_{m}" for i in (0, 1) for m in "AB"
                             for layer in ("attn.c_attn", "mlp.c_proj")} | {"new_rows.transformer.wte.weight"}
     assert tensors["new_rows.transformer.wte.weight"].shape == (2, 32)
@@ -322,14 +327,14 @@ def test_adapter_file_is_small_and_round_trips(tmp_path):
         fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k and "wte" not in k},
                               strict=False)
         fresh.transformer.wte.weight[:n_base] = model.transformer.wte.weight[:n_base]
-    ft.load_adapter_tensors(fresh, load_file(str(path)), n_base)
+    lora.load_adapter_tensors(fresh, load_file(str(path)), n_base)
     idx = torch.randint(0, 103, (2, 12))
     torch.testing.assert_close(fresh(idx)[0], model(idx)[0])
     other, _ = lora_model(dict(), targets="attn")
-    with pytest.raises(ft.FinetuneError, match="does not fit"):
-        ft.load_adapter_tensors(other, load_file(str(path)), n_base)
-    with pytest.raises(ft.ConfigError, match="unknown layer 'attn.q'"):
-        ft.lora_layer_names("attn.q")
+    with pytest.raises(files.CheckpointError, match="does not fit"):
+        lora.load_adapter_tensors(other, load_file(str(path)), n_base)
+    with pytest.raises(configurator.ConfigError, match="unknown layer 'attn.q'"):
+        lora.lora_layer_names("attn.q")
 
 
 # --- left padding ---------------------------------------------------------------------------------------
@@ -354,7 +359,7 @@ def test_left_padded_batch_generation_equals_one_by_one(style):
                                        rtol=1e-5, atol=1e-5)
     # generate_batch: the same, cut at the stop token
     stop = int(model.generate(torch.tensor([prompts[0]]), 3, temperature=0)[0, -1])
-    replies = ft.generate_batch(model, prompts, 20, stop_token=stop, pad_token=0)
+    replies = instruct.generate_batch(model, prompts, 20, stop_token=stop, pad_token=0)
     for (reply, stopped), p in zip(replies, prompts):
         alone = model.generate(torch.tensor([p]), 20, temperature=0, eot_token=stop)[0, len(p):].tolist()
         assert reply == (alone[:alone.index(stop)] if stop in alone else alone) and stopped == (stop in alone)
@@ -367,9 +372,9 @@ def test_generate_batch_gives_each_prompt_its_own_room():
     prompts = [list(range(1, 41)), [5, 6], [7, 8, 9, 10]]  # the widest leaves 8 tokens, the others 46 and 44
     alone = [model.generate(torch.tensor([p]), 48 - len(p), temperature=0)[0, len(p):].tolist() for p in prompts]
     stop = min(set(range(101)) - {t for a in alone for t in a})  # a token none of them makes: none stops
-    replies = ft.generate_batch(model, prompts, 100, stop_token=stop, pad_token=0)
+    replies = instruct.generate_batch(model, prompts, 100, stop_token=stop, pad_token=0)
     assert replies == [(a, False) for a in alone] and [len(a) for a in alone] == [8, 46, 44]
-    assert ft.generate_batch(model, [list(range(48)), [5, 6]], 100, stop, 0) == [([], False), (alone[1], False)]
+    assert instruct.generate_batch(model, [list(range(48)), [5, 6]], 100, stop, 0) == [([], False), (alone[1], False)]
 
 
 def test_gradient_accumulation_weighs_every_response_token_alike():
@@ -463,7 +468,7 @@ def test_short_finetune_learns_and_loads_everywhere(base_run, tmp_path):
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     messages = [{"role": "user", "content": "Write a story that uses the words: dog, ball, sun."}]
     ids = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    assert list(ids) == ft.render_conversation(chat_tok, messages, generation_prompt=True)[0]
+    assert list(ids) == chat.render_conversation(chat_tok, messages, generation_prompt=True)[0]
     with torch.no_grad():
         probs = hf(torch.tensor([list(ids)])).logits[0, -1].softmax(-1)
     assert all(abs(probs[i].item() - p) < 2e-4 for i, p in lora)

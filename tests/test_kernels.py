@@ -23,7 +23,8 @@ sys.path.insert(0, ROOT)
 from triton_ops.attention import attention_backward, attention_forward, attention_reference, flash_attention  # noqa: E402
 from triton_ops.cross_entropy import (linear_cross_entropy, linear_cross_entropy_forward,  # noqa: E402
                                    linear_cross_entropy_reference)
-from model import GPT, GPTConfig, use_triton_kernels  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from ops import use_triton_kernels  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 5e-2}
@@ -318,9 +319,9 @@ def test_kernels_setting(monkeypatch):
     assert "kernels" not in config
     logits, _ = GPT(GPTConfig(**config))(torch.zeros(1, 8, dtype=torch.long))
     assert logits.shape == (1, 8, 50)
-    import train
+    import checkpoint
     run = {"model": dict(config), "tokenizer": {"name": "t", "content_hash": "h"}}
-    train.check_compatible({"model": dict(config, kernels="triton"), "tokenizer": run["tokenizer"]},
+    checkpoint.check_compatible({"model": dict(config, kernels="triton"), "tokenizer": run["tokenizer"]},
                            dict(run, model=dict(config, kernels="torch")), "ckpt")
 
 

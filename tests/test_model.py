@@ -319,7 +319,7 @@ def test_pack_weights_leaves_other_models_alone():
 @pytest.mark.parametrize("n_ignored", [0, 7, 40])
 @pytest.mark.parametrize("chunk_elements", [1 << 25, 600 * 37])  # one chunk; several, the last one short
 def test_chunked_loss_equals_cross_entropy(monkeypatch, n_ignored, chunk_elements):
-    from model import ChunkedLinearCrossEntropy, lm_head_loss, plain_lm_head_loss
+    from ops import ChunkedLinearCrossEntropy, lm_head_loss, plain_lm_head_loss
     monkeypatch.setattr(ChunkedLinearCrossEntropy, "chunk_elements", chunk_elements)
     torch.manual_seed(0)
     N, C, V = 1300, 24, 37  # 1300 rows: chunks of 600, 600 and 100 when chunked
@@ -342,7 +342,7 @@ def test_chunked_loss_equals_cross_entropy(monkeypatch, n_ignored, chunk_element
 
 
 def test_chunked_loss_reuses_its_buffer_across_calls():
-    from model import ChunkedLinearCrossEntropy, lm_head_loss, plain_lm_head_loss
+    from ops import ChunkedLinearCrossEntropy, lm_head_loss, plain_lm_head_loss
     torch.manual_seed(0)
     big = ChunkedLinearCrossEntropy.logits_buffer(900, 50, torch.float32, torch.device("cpu"))
     for N, V in [(700, 50), (300, 23)]:  # a part of the buffer, then a part of that part, viewed anew

@@ -264,7 +264,7 @@ def test_non_utf8_file_names_the_byte(tmp_path):
     path = tmp_path / "latin1.txt"
     path.write_bytes("good line\n".encode() + "caf\xe9 au lait\n".encode("latin-1"))
     message = error_of(tmp_path, f"--input={path}")
-    assert "latin1.txt is not valid UTF-8" in message and "byte 13" in message and "line 2" in message
+    assert "latin1.txt:2: not valid UTF-8" in message and "byte 13" in message
 
 
 def test_bad_jsonl_lines_name_the_line(tmp_path):
@@ -307,7 +307,7 @@ def test_tinystories_offline_fails_fast_with_the_alternatives(tmp_path):
 def test_unreachable_hub_fails_fast(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
-    with pytest.raises(prepare.PrepareError, match="--dataset=bundled"):
+    with pytest.raises(prepare.DataError, match="--dataset=bundled"):
         prepare.check_hub_reachable(timeout=2)
 
 

@@ -146,52 +146,52 @@ def test_interrupted_run_resumes_to_identical_weights(data_dirs, tmp_path):
 
 
 def test_checkpoint_keeps_the_float16_loss_scale(tmp_path):
-    import train
+    import checkpoint
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
     info = {"iter_num": 3, "best_val_loss": 1.0, "tokens_seen": 0, "scaler": scaler.state_dict(), "config": {}}
-    train.save_checkpoint(str(tmp_path), "last", model, optimizer, info)
+    checkpoint.save_checkpoint(str(tmp_path), "last", model, optimizer, info)
     resumed = torch.amp.GradScaler("cpu")  # 65536.0 and 2000 by default
-    train.load_training_state(str(tmp_path / "last"), torch.optim.AdamW(model.parameters()), resumed)
+    checkpoint.load_training_state(str(tmp_path / "last"), torch.optim.AdamW(model.parameters()), resumed)
     assert resumed.get_scale() == 1024.0 and resumed.get_growth_interval() == 7
 
 
 def test_resume_drops_the_log_the_checkpoint_had_not_reached(tmp_path, capsys):
-    import train
+    import checkpoint
     records = [{"iter": 0, "val_loss": 5.0}, {"iter": 1, "loss": 4.0}, {"iter": 2, "loss": 3.9},
                {"iter": 2, "val_loss": 3.8}, {"iter": 3, "loss": 3.7}]
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps(r) + "\n" for r in records[:3]) + '{"iter": 2, "lo\n' +
                    "".join(json.dumps(r) + "\n" for r in records[3:]))  # a line cut short by a crash
-    train.truncate_log(str(tmp_path), 2, evaluates_again=False)  # resumes at 2, extended: no evaluation there
+    checkpoint.truncate_log(str(tmp_path), 2, evaluates_again=False)  # resumes at 2, extended: no evaluation there
     assert log_records(str(tmp_path)) == records[:4] and "log.jsonl:4 is not a log record" in capsys.readouterr().err
-    train.truncate_log(str(tmp_path), 2)  # resumes at 2 and evaluates there again
+    checkpoint.truncate_log(str(tmp_path), 2)  # resumes at 2 and evaluates there again
     assert log_records(str(tmp_path)) == records[:3]
-    train.truncate_log(str(tmp_path), 0)  # a fresh start
+    checkpoint.truncate_log(str(tmp_path), 0)  # a fresh start
     assert log_records(str(tmp_path)) == []
 
 
 def test_a_failed_checkpoint_leaves_no_temporary_directory(tmp_path, monkeypatch):
-    import train
+    import checkpoint
 
     def full_disk(tmp, final):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(train, "replace_directory", full_disk)
+    monkeypatch.setattr(checkpoint, "replace_directory", full_disk)
     model = torch.nn.Linear(2, 2)
     info = {"iter_num": 3, "best_val_loss": 1.0, "tokens_seen": 0, "config": {}}
     with pytest.raises(OSError, match="No space left"):
-        train.save_checkpoint(str(tmp_path), "last", model, torch.optim.AdamW(model.parameters()), info)
+        checkpoint.save_checkpoint(str(tmp_path), "last", model, torch.optim.AdamW(model.parameters()), info)
     assert os.listdir(tmp_path) == []
 
 
 def test_stale_temporary_checkpoints_are_removed(tmp_path):
-    import train
+    import checkpoint
     for name in (".last.tmpk3_x9", ".best.tmpq1", "last", "notes.tmpdir"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "state.pt").write_bytes(b"x")
     (tmp_path / "log.jsonl").write_text("")
-    train.remove_stale_temporaries(str(tmp_path))
+    checkpoint.remove_stale_temporaries(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["last", "log.jsonl", "notes.tmpdir"]
 
 
@@ -212,7 +212,7 @@ def test_each_ddp_process_resumes_from_its_own_random_state(data_dirs, tmp_path)
 
 
 def test_micro_batches_must_share_out_over_the_processes():
-    from train import micro_steps_per_process
+    from training import micro_steps_per_process
     assert micro_steps_per_process(4, 64, 2) == 2
     assert micro_steps_per_process(1, 16, 1) == 1
     with pytest.raises(ConfigError, match="add --gradient_accumulation_steps=2 --batch_size=8$"):

@@ -1,0 +1,99 @@
+"""
+Reading and writing files safely, for every stage: text read line by line with errors that name the file and
+the line, and writes that a reader (or a crash) never sees half done.
+
+    from files import atomic_write, read_lines
+    atomic_write("out/eval.json", b"{}")          # a temporary file, then a rename
+    for lineno, line in read_lines("data.jsonl"):  # UTF-8 (gzipped if .gz), \\n endings, no byte-order mark
+        ...
+"""
+import gzip
+import hashlib
+import os
+import shutil
+import tempfile
+import zlib
+
+
+class DataError(ValueError):
+    """A problem with a file the user gave (missing, not UTF-8, malformed): one line that says what to fix."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, damaged, or of another model, tokenizer or base: one line that names the
+    file and says what to do."""
+
+
+# --- reading ---------------------------------------------------------------------------------------------
+
+def read_lines(path: str):
+    """(line number, text) of each line of a UTF-8 text file (gzipped if it ends in .gz), with \\n endings and
+    without a leading byte-order mark. A byte that is not UTF-8 is a DataError naming the file, the line and
+    the byte offset."""
+    opener = gzip.open if path.endswith(".gz") else open
+    offset = 0
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    where = "uncompressed byte" if path.endswith(".gz") else "byte"
+                    raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at {where} "
+                                    f"{offset + e.start:,}); convert the file to UTF-8 first") from None
+                offset += len(raw)
+                if lineno == 1:
+                    line = line.lstrip("\ufeff")  # a byte order mark is not text
+                if line.endswith("\r\n"):
+                    line = line[:-2] + "\n"
+                yield lineno, line
+    except (gzip.BadGzipFile, EOFError, OSError, zlib.error) as e:
+        if isinstance(e, FileNotFoundError):
+            raise DataError(f"no such file: {path}") from None
+        raise DataError(f"cannot read {path}: {e}") from None
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- writing ---------------------------------------------------------------------------------------------
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it, so it is set back at once)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write data to path through a temporary file and a rename: a reader never sees half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the permissions open() would
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def replace_directory(tmp: str, final: str) -> None:
+    """Swap the complete directory tmp in at final by renames: a reader finds the old whole or the new whole
+    (between the two renames, the old one waits beside it as .<name>.old). The directory gets the permissions
+    mkdir would give it (tempfile.mkdtemp makes 0700)."""
+    os.chmod(tmp, 0o777 & ~current_umask())
+    head, name = os.path.split(os.path.abspath(final))
+    old = os.path.join(head, f".{name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)

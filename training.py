@@ -1,0 +1,161 @@
+"""
+What train.py and finetune.py share: the optimizer and its learning-rate schedule, seeded batches, one
+optimizer step, mixed precision, torch.compile, and the checks a run makes before it starts.
+
+    from training import get_lr, make_optimizer
+    optimizer = make_optimizer(model.parameters(), "cpu", 1e-3, 0.1, (0.9, 0.95))
+    lr = get_lr(it, 1e-3, 1e-4, warmup_iters=100, decay_iters=2000)
+"""
+import hashlib
+import importlib
+import math
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from configurator import ConfigError
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or go on (a run already in out_dir, nothing to resume, a diverged loss)."""
+
+
+# --- checks before a run ---------------------------------------------------------------------------------
+
+def check_init_from(init_from, has_checkpoint, eval_only, out_dir, verb="train"):
+    """Refuse what init_from cannot do with out_dir: resume without a checkpoint, or start afresh over one."""
+    if init_from not in ("scratch", "resume", "auto"):
+        raise ConfigError(f"init_from={init_from!r}: choose scratch, resume or auto")
+    if init_from == "resume" and not has_checkpoint:
+        raise TrainError(f"no checkpoint to resume in {out_dir}: {verb} with --init_from=scratch first")
+    if init_from == "scratch" and has_checkpoint and not eval_only:
+        evaluate = ", evaluate it with --eval_only" if verb == "fine-tune" else ""
+        raise TrainError(f"{out_dir} already holds a run: continue it with --init_from=resume{evaluate}, "
+                         "or pick another --out_dir (nothing was overwritten)")
+
+
+def micro_steps_per_process(accumulation, batch, world_size) -> int:
+    """Each process's share of an optimizer step's micro-batches; an error with the flags to add when they do
+    not share out evenly (the CPU configs accumulate 1 micro-batch: under torchrun, 2 processes need 2)."""
+    if accumulation % world_size == 0:
+        return accumulation // world_size
+    fitted = math.ceil(accumulation / world_size) * world_size
+    flags = f"--gradient_accumulation_steps={fitted}"
+    if batch * accumulation % fitted == 0:  # the same sequences per step
+        flags += f" --batch_size={batch * accumulation // fitted}"
+    raise ConfigError(f"gradient_accumulation_steps={accumulation} must be a multiple of the number of processes "
+                      f"({world_size}), which share each step's micro-batches: add {flags}")
+
+
+# --- batches, schedule, optimizer -------------------------------------------------------------------------
+
+def batch_seed(seed, split, iteration, micro_step):
+    """The seed of one micro-batch. Batches depend only on (seed, split, iteration, micro-batch index), so a
+    resumed run draws the same data, and N processes draw together what one process draws alone."""
+    key = f"{seed}/{split}/{iteration}/{micro_step}".encode()  # not hash(): str hashes vary per process
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def get_lr(it, max_lr, min_lr, warmup_iters, decay_iters, decay=True):
+    """Linear warmup to max_lr over warmup_iters, then cosine decay to min_lr at decay_iters; max_lr
+    throughout when not decay."""
+    if not decay:
+        return max_lr
+    if it < warmup_iters:
+        return max_lr * (it + 1) / (warmup_iters + 1)
+    if it >= decay_iters:
+        return min_lr
+    progress = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def make_optimizer(params, device_type, learning_rate, weight_decay, betas, no_decay=()):
+    """AdamW over the params that require grad; weight decay on matrices (embeddings, linear weights), none
+    on biases, norm gains and the params in no_decay."""
+    params = [p for p in params if p.requires_grad]
+    exempt = {id(p) for p in no_decay}
+    groups = [{"params": [p for p in params if p.dim() >= 2 and id(p) not in exempt], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2 or id(p) in exempt], "weight_decay": 0.0}]
+    extra = {"fused": True} if device_type in ("cuda", "cpu") else {}  # on CPU fused is ~5x the default
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    """Clip the gradient norm to grad_clip (0: no clipping), step, and clear the gradients."""
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def autocast_for(device_type, dtype_name):
+    """Mixed precision in dtype_name on device_type; nothing to do in float32."""
+    if dtype_name == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype_name))
+
+
+def check_finite(loss_value, iter_num, learning_rate, verb="training"):
+    if not math.isfinite(loss_value):
+        raise TrainError(f"the loss is {loss_value} at iteration {iter_num}: {verb} diverged. Resume from the "
+                         f"last checkpoint with a lower learning_rate (now {learning_rate}) or grad_clip")
+
+
+# --- measures -----------------------------------------------------------------------------------------------
+
+def bits_per_byte(loss, split_meta):
+    """Loss in bits per byte of text: nats/token * tokens/byte / ln 2, comparable across vocabularies."""
+    return loss / math.log(2) * split_meta["tokens"] / split_meta["bytes"]
+
+
+def known_peak_flops(device_type, dtype_name, peak_flops=0.0):
+    """The accelerator's peak FLOP/s for MFU: peak_flops when given, else a table of known GPUs (0: unknown)."""
+    if peak_flops:
+        return peak_flops
+    if device_type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name()
+    table = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+    for key, flops in table.items():
+        if key in name:
+            return flops if dtype_name != "float32" else flops / 2
+    return 0.0
+
+
+# --- torch.compile ----------------------------------------------------------------------------------------
+
+def compile_or_eager(model, x, y, autocast):
+    """torch.compile(model), tried at once on one batch, forward and backward (compiling happens at the first
+    call); where it cannot run here (no C++ compiler, an unsupported platform), the model itself, with one
+    warning. The trial leaves no gradients behind and consumes no random numbers."""
+    dynamo = importlib.import_module("torch._dynamo")
+    dynamo.config.suppress_errors = False  # the trial's errors come here, not to dynamo's own log
+    compiled = torch.compile(model)
+    rng_cpu = torch.get_rng_state()
+    rng_cuda = torch.cuda.get_rng_state() if x.is_cuda else None
+    try:
+        with autocast:
+            _, loss = compiled(x, y)
+        loss.backward()
+    except Exception as e:  # compilers fail in many ways, with errors of many types
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"warning: torch.compile cannot run here ({type(e).__name__}: {reason}); training without it",
+              file=sys.stderr)
+        dynamo.reset()
+        compiled = model
+    else:
+        dynamo.config.suppress_errors = True  # a graph that fails later runs eagerly instead of ending the run
+    finally:
+        model.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng_cpu)
+        if rng_cuda is not None:
+            torch.cuda.set_rng_state(rng_cuda)
+    return compiled
