@@ -104,11 +104,22 @@ class Tokenizer:
                     raise ValueError(f"{path}:{lineno}: expected 'base64(token) rank', got {line[:80]!r}") from None
         if not ranks:
             raise ValueError(f"{path} holds no tokens")
+        present = set(ranks.values())
+        if max(present) != len(ranks) - 1:  # ranks are 0..n-1: a hole or a stray rank means damage
+            missing = next(r for r in range(len(ranks)) if r not in present)
+            raise ValueError(f"{path} is damaged: rank {missing} is missing (a vocabulary's ranks run 0..n-1 "
+                             f"without gaps); train the vocabulary again")
         specials_file = special_tokens_path(path)
         specials = {}
         if os.path.isfile(specials_file):
-            with open(specials_file) as f:
-                specials = json.load(f)["special_tokens"]
+            try:
+                with open(specials_file, encoding="utf-8") as f:
+                    specials = json.load(f)["special_tokens"]
+                if not isinstance(specials, dict):
+                    raise TypeError("special_tokens is not an object")
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{specials_file} is damaged ({type(e).__name__}: {e}): save the tokenizer again "
+                                 f"(Tokenizer.save) or train the vocabulary again") from None
         elif os.path.abspath(path) == os.path.abspath(GPT2_RANKS):
             specials = {EOT: 50256}
         return cls(ranks, specials, name=name or os.path.splitext(os.path.basename(path))[0])
