@@ -22,7 +22,9 @@ merged/ after --merge. Ctrl-C saves last/ before exiting; --init_from=resume con
 """
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import torch
@@ -37,8 +39,8 @@ from instruct import eval_rows, instruction_eval, write_instruct_data
 from lora import (adapter_tensors, add_lora, compact_optimizer_state, expand_optimizer_state, grow_vocab,
                   load_adapter_tensors, lora_layer_names, merge_lora, token_row_weights, train_new_rows_only)
 from system import catch_stop_signals, pick_device, pick_dtype, release_stop_signals
-from training import (TrainError, autocast_for, batch_seed, check_finite, check_init_from, get_lr, make_optimizer,
-                      optimizer_step, set_lr)
+from training import (TrainError, autocast_for, batch_seed, check_finite, check_init_from, get_lr,
+                      iterations_in_budget, make_optimizer, optimizer_step, set_lr)
 
 # --- settings -------------------------------------------------------------------------------------------
 # I/O
@@ -70,6 +72,8 @@ gradient_accumulation_steps = 1  # micro-batches per optimizer step
 # AdamW
 learning_rate = 1e-3  # peak, after warmup
 max_iters = 600  # optimizer steps in all
+max_time = 0.0  # minutes of fine-tuning instead (evaluations and checkpoints included; the instruction eval after
+#                 it is not): max_iters is fixed from the first steps' timing, recorded, kept when resumed; 0: off
 weight_decay = 0.0  # AdamW's, on matrices only
 beta1 = 0.9  # AdamW's momentum
 beta2 = 0.95  # AdamW's second-moment decay
@@ -241,6 +245,7 @@ def resume_finetune(last, model, optimizer, scaler, run_config, n_base):
 # --- main ------------------------------------------------------------------------------------------------------
 
 def main():
+    started = time.time()  # max_time counts from here
     if make_data:
         write_instruct_data(stories, make_data_dir, max_chars, val_fraction, seed)
         return
@@ -254,6 +259,7 @@ def main():
     require_at_least(1, batch_size=batch_size, eval_batch_size=eval_batch_size, eval_interval=eval_interval,
                      eval_iters=eval_iters, log_interval=log_interval,
                      gradient_accumulation_steps=gradient_accumulation_steps)
+    require_at_least(0, max_iters=max_iters, max_time=max_time)
     if mode not in ("lora", "full"):
         raise ConfigError(f"mode={mode!r}: choose lora or full")
     lora = ({"r": lora_r, "alpha": lora_alpha, "dropout": lora_dropout, "targets": lora_layer_names(lora_targets)}
@@ -286,11 +292,14 @@ def main():
 
     # a fresh run, or the one in out_dir continued
     iter_num, best_val_loss, tokens_seen = 0, float("inf"), 0
+    total_iters = max_iters if not max_time else None  # with max_time: fixed by timing, or by the checkpoint
     if has_checkpoint and not eval_only:
         state = resume_finetune(last, model, optimizer, scaler, run_config, n_base)
         iter_num, best_val_loss, tokens_seen = state["iter_num"], state["best_val_loss"], state["tokens_seen"]
+        total_iters = total_iters or state.get("max_iters")  # a max_time run finishes the schedule it fixed
         print(f"resuming from {last} at iteration {iter_num}")
-        truncate_log(out_dir, iter_num, evaluates_again=iter_num % eval_interval == 0 or iter_num >= max_iters)
+        truncate_log(out_dir, iter_num, evaluates_again=iter_num % eval_interval == 0 or
+                     iter_num >= (total_iters or max_iters))
     elif not eval_only:
         truncate_log(out_dir, 0)  # a fresh run: the log of one that left no checkpoint goes
     os.makedirs(out_dir, exist_ok=True)
@@ -304,8 +313,8 @@ def main():
 
     def checkpoint_info():
         return {"iter_num": iter_num, "best_val_loss": best_val_loss, "tokens_seen": tokens_seen,
-                "scaler": scaler.state_dict(), "config": dict(run_config, iter_num=iter_num,
-                                                              best_val_loss=best_val_loss),
+                "scaler": scaler.state_dict(), "max_iters": total_iters,
+                "config": dict(run_config, iter_num=iter_num, best_val_loss=best_val_loss, max_iters=total_iters),
                 "optimizer_state": compact_optimizer_state(optimizer, model, n_base) if mode == "lora" else None}
 
     def evaluate_and_save():
@@ -327,26 +336,51 @@ def main():
         plot_loss_curve(out_dir)
         return losses
 
+    def train_step(it, lr):
+        """One optimizer step at iteration it; (mean response loss, tokens in its batches)."""
+        set_lr(optimizer, lr)
+        batches = [get_batch(train_examples, batch_size,
+                             torch.Generator().manual_seed(batch_seed(seed, "train", it, micro)), dev, pad_token)
+                   for micro in range(gradient_accumulation_steps)]
+        step_loss = backward_over(model, batches, scaler, autocast)
+        optimizer_step(model, optimizer, scaler, grad_clip)
+        return step_loss, sum(x.numel() for x, _ in batches)
+
+    def measure_eval():
+        """Seconds of one evaluation, two checkpoint saves and the plot, as the loop will spend them."""
+        plot_loss_curve(out_dir)  # the first plot imports matplotlib: a cost paid once, not at each eval
+        timed = time.time()
+        for split, examples in (("train", train_examples), ("val", val_examples)):
+            response_loss(model, examples, split, pad_token, dev, autocast)
+        probe = tempfile.mkdtemp(dir=out_dir, prefix=".timing.tmp")
+        save_checkpoint(probe, "last", model, optimizer, checkpoint_info(),
+                        adapter_tensors(model, n_base) if mode == "lora" else None)
+        shutil.rmtree(probe)
+        save_s = time.time() - timed
+        plot_loss_curve(out_dir)
+        return time.time() - timed + save_s
+
+    if total_iters is None and not eval_only:  # max_time: as many iterations as the budget holds
+        total_iters, step_s, eval_s = iterations_in_budget(
+            max_time, started, lambda i: train_step(i, learning_rate), measure_eval, eval_interval, model,
+            optimizer, scaler)
+        print(f"max_time {max_time:g} min: {total_iters} iterations ({1000 * step_s:.0f} ms a step, "
+              f"{eval_s:.1f} s an evaluation with its checkpoints)")
+
     # the training loop
     stop_signal = catch_stop_signals()
     step_seconds, steps_timed = 0.0, 0  # since the last log line, evaluations left out
-    while iter_num < max_iters and not eval_only:
+    while not eval_only and iter_num < total_iters:
         if iter_num % eval_interval == 0:
             evaluate_and_save()
         step_started = time.time()
-        lr = get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters or max_iters, decay_lr)
-        set_lr(optimizer, lr)
-        batches = [get_batch(train_examples, batch_size,
-                             torch.Generator().manual_seed(batch_seed(seed, "train", iter_num, micro)), dev, pad_token)
-                   for micro in range(gradient_accumulation_steps)]
-        step_loss = backward_over(model, batches, scaler, autocast)
-        step_tokens = sum(x.numel() for x, _ in batches)
-        optimizer_step(model, optimizer, scaler, grad_clip)
+        lr = get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters or total_iters, decay_lr)
+        step_loss, step_tokens = train_step(iter_num, lr)
         step_seconds, steps_timed = step_seconds + time.time() - step_started, steps_timed + 1
         check_finite(step_loss, iter_num, learning_rate, "fine-tuning")
         iter_num += 1
         tokens_seen += step_tokens
-        if iter_num % log_interval == 0 or iter_num == max_iters:
+        if iter_num % log_interval == 0 or iter_num == total_iters:
             ms = 1000 * step_seconds / steps_timed
             step_seconds, steps_timed = 0.0, 0
             print(f"iter {iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, {ms:.0f} ms/iter")

@@ -12,7 +12,9 @@ out_dir receives: last/ and best/ checkpoints (model.safetensors, state.pt, conf
 loss.png, and a copy of the tokenizer when it is not GPT-2's. Ctrl-C saves last/ before exiting.
 """
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import torch
@@ -25,8 +27,8 @@ from data import TokenDataset
 from model import GPT, GPTConfig
 from system import catch_stop_signals, pick_device, pick_dtype, release_stop_signals, setup_distributed
 from training import (TrainError, autocast_for, batch_seed, bits_per_byte, check_finite, check_init_from,
-                      compile_or_eager, get_lr, known_peak_flops, make_optimizer, micro_steps_per_process,
-                      optimizer_step, set_lr)
+                      compile_or_eager, get_lr, iterations_in_budget, known_peak_flops, make_optimizer,
+                      micro_steps_per_process, optimizer_step, set_lr)
 
 # --- settings -------------------------------------------------------------------------------------------
 # I/O
@@ -54,6 +56,8 @@ tie_embeddings = True  # the output head shares the token embedding matrix
 # AdamW
 learning_rate = 1e-3  # peak, after warmup
 max_iters = 2000  # optimizer steps in all
+max_time = 0.0  # minutes of wall-clock for the whole run instead (evaluations and checkpoints included): the
+#                 first steps are timed and max_iters fixed from them, recorded, and kept when resumed; 0: off
 weight_decay = 0.1  # on matrices only, not on norms, biases or embeddings
 beta1 = 0.9  # AdamW's momentum
 beta2 = 0.95  # AdamW's second-moment decay
@@ -104,6 +108,7 @@ def gathered_rng(world_size):
 
 
 def main():
+    started = time.time()  # max_time counts from here
     # setup: processes, device, precision
     ddp, rank, local_rank, world_size = setup_distributed(device)
     master = rank == 0
@@ -121,7 +126,8 @@ def main():
     require_at_least(1, batch_size=batch_size, block_size=block_size, eval_interval=eval_interval,
                      eval_iters=eval_iters, log_interval=log_interval,
                      gradient_accumulation_steps=gradient_accumulation_steps)
-    require_at_least(0, max_iters=max_iters, warmup_iters=warmup_iters, lr_decay_iters=lr_decay_iters)
+    require_at_least(0, max_iters=max_iters, warmup_iters=warmup_iters, lr_decay_iters=lr_decay_iters,
+                     max_time=max_time)
     micro_steps = micro_steps_per_process(gradient_accumulation_steps, batch_size, world_size)
     autocast = autocast_for(device_type, dtype_name)
 
@@ -139,6 +145,7 @@ def main():
 
     # a fresh run, or the one in out_dir continued
     iter_num, best_val_loss, tokens_seen = 0, float("inf"), 0
+    total_iters = max_iters if not max_time else None  # with max_time: fixed by timing, or by the checkpoint
     last = checkpoint_dir(out_dir, "last")
     has_checkpoint = os.path.isfile(os.path.join(last, "state.pt"))
     check_init_from(init_from, has_checkpoint, eval_only, out_dir)
@@ -147,9 +154,12 @@ def main():
     if has_checkpoint and (init_from in ("resume", "auto") or eval_only):
         state = resume(last, model, optimizer, run_config, scaler, rank)
         iter_num, best_val_loss, tokens_seen = state["iter_num"], state["best_val_loss"], state["tokens_seen"]
+        total_iters = total_iters or state.get("max_iters")  # a max_time run finishes the schedule it fixed
         if master and not eval_only:
-            print(f"resuming from {last} at iteration {iter_num}")
-            truncate_log(out_dir, iter_num, evaluates_again=iter_num % eval_interval == 0 or iter_num >= max_iters)
+            print(f"resuming from {last} at iteration {iter_num}" +
+                  (f" of {total_iters} (fixed by max_time)" if max_time and total_iters else ""))
+            truncate_log(out_dir, iter_num, evaluates_again=iter_num % eval_interval == 0 or
+                         iter_num >= (total_iters or max_iters))
     elif master:
         truncate_log(out_dir, 0)  # a fresh run: the log of one that left no checkpoint goes
     if master:
@@ -172,8 +182,8 @@ def main():
 
     def checkpoint_info(rng_ranks):
         return {"iter_num": iter_num, "best_val_loss": best_val_loss, "tokens_seen": tokens_seen,
-                "scaler": scaler.state_dict(), "rng_ranks": rng_ranks,
-                "config": dict(run_config, iter_num=iter_num, best_val_loss=best_val_loss)}
+                "scaler": scaler.state_dict(), "rng_ranks": rng_ranks, "max_iters": total_iters,
+                "config": dict(run_config, iter_num=iter_num, best_val_loss=best_val_loss, max_iters=total_iters)}
 
     def evaluate_and_save():
         nonlocal best_val_loss
@@ -201,18 +211,12 @@ def main():
         evaluate_and_save()
         return
 
-    # the training loop
-    model.train()
-    step_seconds, steps_timed = 0.0, 0  # since the last log line, evaluations left out
-    while iter_num < max_iters:
-        if iter_num % eval_interval == 0:
-            evaluate_and_save()
-        step_started = time.time()
-        lr = get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters or max_iters, decay_lr)
+    def train_step(it, lr):
+        """One optimizer step at iteration it: its micro-batches, forward, backward, AdamW. The mean loss."""
         set_lr(optimizer, lr)
         step_loss = torch.zeros((), device=dev)
         for micro in range(micro_steps):
-            g = torch.Generator().manual_seed(batch_seed(seed, "train", iter_num, rank * micro_steps + micro))
+            g = torch.Generator().manual_seed(batch_seed(seed, "train", it, rank * micro_steps + micro))
             x, y = dataset.get_batch("train", batch_size, block_size, g, dev)
             if ddp:
                 model.require_backward_grad_sync = micro == micro_steps - 1
@@ -223,12 +227,52 @@ def main():
         optimizer_step(model, optimizer, scaler, grad_clip)
         if ddp:
             dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-        loss_value = step_loss.item()
+        return step_loss.item()
+
+    def measure_eval():
+        """Seconds of one evaluation with what follows it in the loop: two checkpoint saves (best and last) and
+        the plot, the saves made into a temporary directory (removed at the next start if left by a crash)."""
+        timed = time.time()
+        estimate_loss(raw_model, dataset, autocast, dev, rank, world_size)
+        loss_s = time.time() - timed
+        save_s = 0.0
+        if master:
+            os.makedirs(out_dir, exist_ok=True)
+            plot_loss_curve(out_dir)  # the first plot imports matplotlib: a cost paid once, not at each eval
+            probe = tempfile.mkdtemp(dir=out_dir, prefix=".timing.tmp")
+            timed = time.time()
+            save_checkpoint(probe, "last", raw_model, optimizer, checkpoint_info([rng_state()]))
+            plot_loss_curve(out_dir)
+            save_s = time.time() - timed
+            shutil.rmtree(probe)
+        return loss_s + 2 * save_s
+
+    if total_iters is None:  # max_time: as many iterations as the budget holds, at this machine's pace
+        total_iters, step_s, eval_s = iterations_in_budget(
+            max_time, started, lambda i: train_step(i, learning_rate), measure_eval, eval_interval,
+            raw_model, optimizer, scaler)
+        if ddp:  # every process runs the same count: the slowest one's
+            agreed = torch.tensor(total_iters, device=dev)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+            total_iters = int(agreed.item())
+        if master:
+            print(f"max_time {max_time:g} min: {total_iters} iterations ({1000 * step_s:.0f} ms a step, "
+                  f"{eval_s:.1f} s an evaluation with its checkpoints)")
+
+    # the training loop
+    model.train()
+    step_seconds, steps_timed = 0.0, 0  # since the last log line, evaluations left out
+    while iter_num < total_iters:
+        if iter_num % eval_interval == 0:
+            evaluate_and_save()
+        step_started = time.time()
+        lr = get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters or total_iters, decay_lr)
+        loss_value = train_step(iter_num, lr)
         step_seconds, steps_timed = step_seconds + time.time() - step_started, steps_timed + 1
         check_finite(loss_value, iter_num, learning_rate)
         iter_num += 1
         tokens_seen += tokens_per_step
-        if master and (iter_num % log_interval == 0 or iter_num == max_iters):
+        if master and (iter_num % log_interval == 0 or iter_num == total_iters):
             per_step = step_seconds / steps_timed
             step_seconds, steps_timed = 0.0, 0
             ms, tok_s = 1000 * per_step, tokens_per_step / per_step

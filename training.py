@@ -6,10 +6,12 @@ optimizer step, mixed precision, torch.compile, and the checks a run makes befor
     optimizer = make_optimizer(model.parameters(), "cpu", 1e-3, 0.1, (0.9, 0.95))
     lr = get_lr(it, 1e-3, 1e-4, warmup_iters=100, decay_iters=2000)
 """
+import copy
 import hashlib
 import importlib
 import math
 import sys
+import time
 from contextlib import nullcontext
 
 import torch
@@ -107,6 +109,37 @@ def check_finite(loss_value, iter_num, learning_rate, verb="training"):
     if not math.isfinite(loss_value):
         raise TrainError(f"the loss is {loss_value} at iteration {iter_num}: {verb} diverged. Resume from the "
                          f"last checkpoint with a lower learning_rate (now {learning_rate}) or grad_clip")
+
+
+# --- a time budget ------------------------------------------------------------------------------------------
+
+def iterations_in_budget(minutes, started, train_step, measure_eval, eval_interval, model, optimizer, scaler,
+                         steps=5):
+    """How many iterations fit in minutes of wall-clock counted from started (time.time()), evaluations and
+    checkpoints included: one untimed warm-up step, then steps timed ones (train_step(i) does the whole
+    optimizer step), then measure_eval() (one evaluation with its checkpoint saves: its seconds). The
+    weights, optimizer, loss scale and random state are put back afterwards, so the run then starts from step 0
+    exactly as one given that many iterations would. Returns (iterations, seconds a step, seconds an eval)."""
+    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()), scaler.state_dict(),
+             torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+    train_step(0)  # first-call costs (allocations, buffers) are not a step's
+    timed = time.time()
+    for i in range(steps):
+        train_step(i)
+    step_s = (time.time() - timed) / steps
+    model.load_state_dict(saved[0])
+    optimizer.load_state_dict(saved[1])
+    if saved[2]:  # a disabled scaler (all but float16) has no state
+        scaler.load_state_dict(saved[2])
+    torch.set_rng_state(saved[3])
+    if saved[4] is not None:
+        torch.cuda.set_rng_state(saved[4])
+    optimizer.zero_grad(set_to_none=True)
+    eval_s = measure_eval()
+    remaining = minutes * 60 - (time.time() - started)
+    # n steps and the evaluations at 0, every eval_interval and the end: n s + (n / interval + 2) e <= remaining
+    n = int((remaining - 2 * eval_s) / (step_s + eval_s / eval_interval))
+    return max(1, n), step_s, eval_s
 
 
 # --- measures -----------------------------------------------------------------------------------------------

@@ -538,3 +538,17 @@ def test_interrupted_finetune_resumes_to_identical_adapter(base_run, tmp_path):
     assert a.keys() == b.keys() and len(a) > 0
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_finetune_max_time_fixes_its_schedule(base_run, tmp_path):
+    data = [f"--base_dir={base_run / 'base'}", f"--data={base_run / 'instruct' / 'train.jsonl'}",
+            f"--val_data={base_run / 'instruct' / 'val.jsonl'}"]
+    out = tmp_path / "timed"
+    proc = run("finetune.py", *FINETUNE, *data, f"--out_dir={out}", "--max_time=0.1", "--eval_interval=20",
+               "--eval_instructions=0", "--lora_r=4")
+    n = torch.load(out / "last" / "state.pt", weights_only=True)["max_iters"]
+    assert f"max_time 0.1 min: {n} iterations" in proc.stdout and n >= 5
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    steps = [r for r in records if "loss" in r]
+    assert steps[-1]["iter"] == n and steps[-1]["lr"] < 1e-4 + 0.01 * (1e-3 - 1e-4)  # the schedule ran to its end
+    assert not [name for name in os.listdir(out) if ".tmp" in name]  # the timing's probe checkpoint is gone

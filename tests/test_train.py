@@ -296,3 +296,30 @@ def test_compile_without_a_compiler_trains_eagerly_with_one_warning(data_dirs, t
         return [(r["iter"], r.get("loss"), r.get("train_loss"), r.get("val_loss")) for r in log_records(run_dir)]
     assert losses(tmp_path / "fallback") == losses(tmp_path / "eager") and len(losses(tmp_path / "eager")) == 6
     assert "warning" not in eager.stderr.lower()
+
+
+def test_max_time_fixes_the_schedule_from_timing_and_a_resumed_run_keeps_it(data_dirs, tmp_path):
+    """max_time: the iteration count comes from timing the first steps (which leave no trace: the run equals
+    one given that count as max_iters), is recorded, the learning rate ends decayed, and an interrupted run
+    resumed finishes the schedule it fixed (equal to an uninterrupted run of that count)."""
+    common = [*TINY, f"--data_dir={data_dirs[0]}", "--eval_interval=50", "--dropout=0.1", "--min_lr=1e-4"]
+    timed, counted = tmp_path / "timed", tmp_path / "counted"
+    proc = run("train.py", *common, f"--out_dir={timed}", "--max_time=0.1")
+    n = torch.load(timed / "last" / "state.pt", weights_only=True)["max_iters"]
+    assert f"max_time 0.1 min: {n} iterations" in proc.stdout and n > 10
+    steps = [r for r in log_records(str(timed)) if "loss" in r]
+    assert steps[-1]["iter"] == n and steps[-1]["lr"] < 1e-4 + 1e-3 * 1e-2  # decayed to min_lr
+    run("train.py", *common, f"--out_dir={counted}", f"--max_iters={n}")
+    a, b = weights(str(timed)), weights(str(counted))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+    broken, straight = tmp_path / "broken", tmp_path / "straight"
+    interrupt_after_steps("train.py", [*common, f"--out_dir={broken}", "--max_time=0.1"], str(broken), 5)
+    fixed = torch.load(broken / "last" / "state.pt", weights_only=True)["max_iters"]
+    resumed = run("train.py", *common, f"--out_dir={broken}", "--max_time=0.1", "--init_from=resume")
+    assert f"of {fixed} (fixed by max_time)" in resumed.stdout and "max_time 0.1 min:" not in resumed.stdout
+    run("train.py", *common, f"--out_dir={straight}", f"--max_iters={fixed}")
+    a, b = weights(str(straight)), weights(str(broken))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
