@@ -126,6 +126,7 @@ def save_checkpoint(out_dir, kind, model, optimizer, info, adapter=None):
         torch.save({"optimizer": optimizer_state,
                     "iter_num": info["iter_num"], "best_val_loss": info["best_val_loss"],
                     "tokens_seen": info["tokens_seen"], "max_iters": info.get("max_iters"),
+                    "elapsed": info.get("elapsed"),
                     "rng_cpu_ranks": [cpu for cpu, _ in ranks], "rng_cuda_ranks": [cuda for _, cuda in ranks],
                     "scaler": info.get("scaler", {})},
                    os.path.join(tmp, "state.pt"))

@@ -196,6 +196,12 @@ class TokenDataset:
         self.check_tokenizer(tok)
         return tok
 
+    def keep_fraction(self, split: str, fraction: float) -> None:
+        """From now on draw split's windows from its first fraction of tokens only (data-size studies)."""
+        if not 0 < fraction <= 1:
+            raise ValueError(f"a fraction of the {split} split must be in (0, 1], got {fraction}")
+        self.splits[split] = self.splits[split][:int(len(self.splits[split]) * fraction)]
+
     def _offsets(self, split: str, batch_size: int, block_size: int, generator) -> torch.Tensor:
         if split not in self.splits:
             raise ValueError(f"no split {split!r} in {self.data_dir} (it has {sorted(self.splits)})")

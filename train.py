@@ -22,13 +22,13 @@ import torch.distributed as dist
 
 from checkpoint import (append_log, checkpoint_dir, copy_tokenizer, plot_loss_curve, remove_stale_temporaries,
                         resume, rng_state, save_checkpoint, tokenizer_info, truncate_log)
-from configurator import configure, require_at_least, settings_of
+from configurator import ConfigError, configure, require_at_least, settings_of
 from data import TokenDataset
 from model import GPT, GPTConfig
 from system import catch_stop_signals, pick_device, pick_dtype, release_stop_signals, setup_distributed
 from training import (TrainError, autocast_for, batch_seed, bits_per_byte, check_finite, check_init_from,
-                      compile_or_eager, get_lr, iterations_in_budget, known_peak_flops, make_optimizer,
-                      micro_steps_per_process, optimizer_step, set_lr)
+                      compile_or_eager, get_lr, iterations_in_budget, known_peak_flops, make_muon_optimizer,
+                      make_optimizer, micro_steps_per_process, optimizer_step, set_lr)
 
 # --- settings -------------------------------------------------------------------------------------------
 # I/O
@@ -43,6 +43,7 @@ eval_only = False  # evaluate once and exit
 batch_size = 16  # sequences per micro-batch
 block_size = 256  # tokens per sequence
 gradient_accumulation_steps = 1  # micro-batches per optimizer step, summed over all processes
+train_fraction = 1.0  # train on the first fraction of the train split's tokens only (data-size studies)
 # model (vocab_size comes from the data)
 n_layer = 4  # transformer blocks
 n_head = 4  # attention heads per block (n_embd must divide by it)
@@ -53,12 +54,13 @@ pos = "learned"  # "learned" or "rope"
 norm = "layernorm"  # "layernorm" or "rmsnorm"
 mlp = "gelu"  # "gelu" or "swiglu"
 tie_embeddings = True  # the output head shares the token embedding matrix
-# AdamW
+# optimizer
+optim = "adamw"  # "adamw", or "muon": Muon for the blocks' weight matrices, AdamW for embeddings, head, gains
 learning_rate = 1e-3  # peak, after warmup
 max_iters = 2000  # optimizer steps in all
 max_time = 0.0  # minutes of wall-clock for the whole run instead (evaluations and checkpoints included): the
 #                 first steps are timed and max_iters fixed from them, recorded, and kept when resumed; 0: off
-weight_decay = 0.1  # on matrices only, not on norms, biases or embeddings
+weight_decay = 0.1  # on weight matrices and embeddings, not on norms or biases
 beta1 = 0.9  # AdamW's momentum
 beta2 = 0.95  # AdamW's second-moment decay
 grad_clip = 1.0  # clip the gradient norm to this; 0 disables
@@ -133,6 +135,7 @@ def main():
 
     # data, model, optimizer
     dataset = TokenDataset(data_dir)
+    dataset.keep_fraction("train", train_fraction)
     meta = dataset.meta
     model_config = GPTConfig(block_size=block_size, vocab_size=meta["n_vocab"], n_layer=n_layer, n_head=n_head,
                              n_embd=n_embd, dropout=dropout, bias=bias, pos=pos, norm=norm, mlp=mlp,
@@ -140,7 +143,10 @@ def main():
     run_config = {"model": model_config.to_dict(), "tokenizer": tokenizer_info(meta),
                   "train": settings_of(globals())}
     model = GPT(model_config).to(dev)
-    optimizer = make_optimizer(model.parameters(), device_type, learning_rate, weight_decay, (beta1, beta2))
+    if optim not in ("adamw", "muon"):
+        raise ConfigError(f"optim={optim!r}: choose adamw or muon")
+    make = make_muon_optimizer if optim == "muon" else lambda m, *args: make_optimizer(m.parameters(), *args)
+    optimizer = make(model, device_type, learning_rate, weight_decay, (beta1, beta2))
     scaler = torch.amp.GradScaler(device_type, enabled=dtype_name == "float16")
 
     # a fresh run, or the one in out_dir continued
@@ -155,6 +161,7 @@ def main():
         state = resume(last, model, optimizer, run_config, scaler, rank)
         iter_num, best_val_loss, tokens_seen = state["iter_num"], state["best_val_loss"], state["tokens_seen"]
         total_iters = total_iters or state.get("max_iters")  # a max_time run finishes the schedule it fixed
+        started -= state.get("elapsed") or 0.0  # the log's clock goes on from where the run stopped
         if master and not eval_only:
             print(f"resuming from {last} at iteration {iter_num}" +
                   (f" of {total_iters} (fixed by max_time)" if max_time and total_iters else ""))
@@ -183,6 +190,7 @@ def main():
     def checkpoint_info(rng_ranks):
         return {"iter_num": iter_num, "best_val_loss": best_val_loss, "tokens_seen": tokens_seen,
                 "scaler": scaler.state_dict(), "rng_ranks": rng_ranks, "max_iters": total_iters,
+                "elapsed": time.time() - started,
                 "config": dict(run_config, iter_num=iter_num, best_val_loss=best_val_loss, max_iters=total_iters)}
 
     def evaluate_and_save():
@@ -197,7 +205,7 @@ def main():
         if eval_only:  # the run's log and checkpoints are left as they are
             return
         append_log(out_dir, {"iter": iter_num, "tokens": tokens_seen, "train_loss": losses["train"],
-                    "val_loss": losses["val"], "val_bpb": bpb})
+                    "val_loss": losses["val"], "val_bpb": bpb, "time": time.time() - started})
         is_best = losses["val"] < best_val_loss
         best_val_loss = min(best_val_loss, losses["val"])
         info = checkpoint_info(rng_ranks)
@@ -280,7 +288,7 @@ def main():
             print(f"iter {iter_num}: loss {loss_value:.4f}, lr {lr:.2e}, {ms:.0f} ms/iter, {tok_s:,.0f} tok/s"
                   + (f", MFU {100 * mfu:.1f}%" if mfu is not None else ""))
             append_log(out_dir, {"iter": iter_num, "tokens": tokens_seen, "loss": loss_value, "lr": lr, "ms": ms,
-                        "tok_per_s": tok_s, "mfu": mfu})
+                        "tok_per_s": tok_s, "mfu": mfu, "time": time.time() - started})
         stop = torch.tensor(float(bool(stop_signal)), device=dev)
         if ddp:
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)

@@ -83,6 +83,49 @@ def make_optimizer(params, device_type, learning_rate, weight_decay, betas, no_d
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
 
 
+class Optimizers:
+    """Several optimizers stepped, zeroed, saved and loaded as one: Muon for the hidden matrices beside AdamW
+    for the rest. param_groups spans them all, so a learning-rate schedule sets every group."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def step(self):
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none=True):
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state):
+        if len(state.get("optimizers", [])) != len(self.optimizers):
+            raise ValueError(f"a state of {len(state.get('optimizers', [None]))} optimizer(s), not "
+                             f"{len(self.optimizers)}: was the run trained with another optimizer setting?")
+        for optimizer, own in zip(self.optimizers, state["optimizers"]):
+            optimizer.load_state_dict(own)
+
+
+def make_muon_optimizer(model, device_type, learning_rate, weight_decay, betas):
+    """Muon (momentum, then its update orthogonalised by Newton-Schulz iterations) for the 2-D weight matrices
+    of the transformer blocks, with its step scaled to AdamW's RMS ("match_rms_adamw") so the same learning
+    rate and weight decay apply; AdamW (make_optimizer) for the embeddings, the head, norms and biases."""
+    hidden = [p for name, p in model.named_parameters()
+              if p.requires_grad and p.dim() == 2 and name.startswith("transformer.h.")]
+    ids = {id(p) for p in hidden}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    muon = torch.optim.Muon(hidden, lr=learning_rate, weight_decay=weight_decay, momentum=0.95, nesterov=True,
+                            adjust_lr_fn="match_rms_adamw")
+    return Optimizers(muon, make_optimizer(rest, device_type, learning_rate, weight_decay, betas))
+
+
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr

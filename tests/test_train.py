@@ -323,3 +323,41 @@ def test_max_time_fixes_the_schedule_from_timing_and_a_resumed_run_keeps_it(data
     a, b = weights(str(straight)), weights(str(broken))
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_muon_takes_the_block_matrices_and_resumes_exactly(data_dirs, tmp_path):
+    from model import GPT, GPTConfig
+    from training import make_muon_optimizer
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=16, tie_embeddings=False))
+    muon, adamw = make_muon_optimizer(model, "cpu", 1e-3, 0.1, (0.9, 0.95)).optimizers
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    assert in_muon == {n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
+    assert {"transformer.wte.weight", "lm_head.weight", "transformer.ln_f.weight"} <= {
+        names[id(p)] for g in adamw.param_groups for p in g["params"]}
+
+    common = [*TINY, f"--data_dir={data_dirs[0]}", "--optim=muon", "--lr_decay_iters=8", "--eval_interval=4"]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    run("train.py", *common, f"--out_dir={straight}", "--max_iters=8")
+    run("train.py", *common, f"--out_dir={resumed}", "--max_iters=4")
+    run("train.py", *common, f"--out_dir={resumed}", "--max_iters=8", "--init_from=resume")
+    a, b = weights(straight), weights(resumed)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    adamw_run = run("train.py", *TINY, f"--data_dir={data_dirs[0]}", f"--out_dir={resumed}", "--max_iters=9",
+                    "--init_from=resume", check=False)  # the Muon run's optimizer state is not AdamW's
+    assert adamw_run.returncode != 0 and "optimizer" in adamw_run.stderr and "Traceback" not in adamw_run.stderr
+
+
+def test_train_fraction_draws_only_from_the_first_part(data_dirs):
+    from data import TokenDataset
+    dataset = TokenDataset(data_dirs[0])
+    whole = len(dataset.splits["train"])
+    dataset.keep_fraction("train", 0.25)
+    assert len(dataset.splits["train"]) == int(whole * 0.25)
+    first = dataset.splits["train"][:]
+    x, y = dataset.get_batch("train", 64, 16, torch.Generator().manual_seed(0))
+    starts = [next(i for i in range(len(first) - 16) if list(first[i:i + 16]) == row) for row in x.tolist()]
+    assert all(s + 16 < len(first) for s in starts)
+    with pytest.raises(ValueError, match="must be in"):
+        dataset.keep_fraction("train", 0.0)

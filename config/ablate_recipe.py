@@ -1,0 +1,17 @@
+# The recipe study: the quickstart model and data, 3 minutes of 2 CPU cores a cell, one change a cell.
+#   python ablate.py config/ablate_recipe.py
+name = "recipe"
+base = ["config/quickstart.py"]
+budget = 3.0
+cells = [
+    ("baseline", {}),
+    ("muon", {"optim": "muon"}),
+    ("llama", {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu"}),
+    ("muon_llama", {"optim": "muon", "pos": "rope", "norm": "rmsnorm", "mlp": "swiglu"}),
+    ("lr_3e-3", {"learning_rate": 3e-3, "min_lr": 3e-4}),
+    ("vocab_2048", {"vocab_size": 2048}),
+    ("vocab_8192", {"vocab_size": 8192}),
+    ("width_192", {"n_embd": 192, "n_head": 6}),
+    ("depth_6", {"n_layer": 6}),
+    ("block_256", {"block_size": 256, "batch_size": 8}),
+]

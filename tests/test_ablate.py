@@ -1,0 +1,43 @@
+"""ablate.py on a tiny grid: every cell runs train.py with the budget and its settings (a vocab_size cell on
+a corpus prepared for it), results.jsonl / results.md / plots are written, a finished cell is never rerun and
+an interrupted grid continues with the cells it lacks.
+
+    python -m pytest -q tests/test_ablate.py
+"""
+import json
+import os
+
+from test_train import TINY, run
+
+
+def test_a_tiny_grid_runs_reports_and_resumes(tmp_path):
+    grid = tmp_path / "grid.py"
+    base = [a for a in TINY if not a.startswith("--n_embd")] + ["--eval_interval=20"]
+    grid.write_text(f"name = 'tiny'\nout_dir = {str(tmp_path / 'out')!r}\ndata_root = {str(tmp_path / 'data')!r}\n"
+                    f"base = {base!r}\nbudget = 0.05\n"
+                    "axes = [('n_embd', [16, 32]), ('vocab_size', [300])]\n")
+    proc = run("ablate.py", str(grid))
+    grid_dir = tmp_path / "out" / "tiny"
+    results = [json.loads(line) for line in open(grid_dir / "results.jsonl")]
+    assert [r["cell"] for r in results] == ["n_embd16_vocab_size300", "n_embd32_vocab_size300"]
+    small, big = results
+    assert small["vocab"] == big["vocab"] == 300 and small["params"] < big["params"]
+    assert all(r["iters"] > 0 and 0 < r["val_bpb"] < 10 and f"--max_time=0.05" in r["args"] for r in results)
+    assert (tmp_path / "data" / "bundled_bpe300" / "meta.json").is_file()  # prepared once, for the vocab_size
+    assert "| n_embd16_vocab_size300 |" in (grid_dir / "results.md").read_text() and "val bpb" in proc.stdout
+    assert (grid_dir / "bpb_vs_time.png").is_file() and (grid_dir / "bpb_vs_n_embd.png").is_file()
+
+    outputs = {r["cell"]: (grid_dir / r["cell"] / "train.out").read_text() for r in results}
+    lines = open(grid_dir / "results.jsonl").read().splitlines()
+    (grid_dir / "results.jsonl").write_text(lines[0] + "\n")  # as if the grid stopped during the second cell
+    again = run("ablate.py", str(grid))
+    assert (grid_dir / "n_embd16_vocab_size300" / "train.out").read_text() == outputs["n_embd16_vocab_size300"]
+    assert (grid_dir / "n_embd32_vocab_size300" / "train.out").read_text() != outputs["n_embd32_vocab_size300"]
+    assert len(open(grid_dir / "results.jsonl").read().splitlines()) == 2 and "2 of 2 cells done" in again.stdout
+
+
+def test_an_empty_or_unknown_grid_is_a_clear_error(tmp_path):
+    proc = run("ablate.py", "--name=x", f"--out_dir={tmp_path}", check=False)
+    assert proc.returncode != 0 and "the grid is empty" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run("ablate.py", "--cels=[]", check=False)
+    assert proc.returncode != 0 and "did you mean cells" in proc.stderr
