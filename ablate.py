@@ -144,9 +144,13 @@ def read_results(grid_dir):
 # --- the report -----------------------------------------------------------------------------------------
 
 def write_table(grid_dir, results):
-    keys = sorted({k for r in results for k in r["settings"]})
-    header = ["cell", *keys, "params", "tokens", "minutes", "val bpb", "best val bpb"]
-    rows = [[r["cell"], *(str(r["settings"].get(k, "")) for k in keys), f"{r['params'] / 1e6:.2f}M",
+    """results.md: a row per cell, best first; a column per axis of an axes grid, the changed settings of a
+    cells grid in one column."""
+    keys = [k for k, _ in axes]
+    header = ["cell", *(keys or ["settings"]), "params", "tokens", "minutes", "val bpb", "best val bpb"]
+    described = (lambda r: [str(r["settings"].get(k, "")) for k in keys]) if keys else (
+        lambda r: [" ".join(f"{k}={v}" for k, v in r["settings"].items()) or "(base)"])
+    rows = [[r["cell"], *described(r), f"{r['params'] / 1e6:.2f}M",
              f"{r['tokens'] / 1e6:.1f}M", f"{r['seconds'] / 60:.1f}", f"{r['val_bpb']:.4f}", f"{r['best_val_bpb']:.4f}"]
             for r in sorted(results, key=lambda r: r["val_bpb"])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
@@ -164,6 +168,10 @@ def write_plots(grid_dir, results):
         evals = [e for e in read_log(os.path.join(grid_dir, r["cell"])) if "val_bpb" in e and "time" in e]
         ax.plot([e["time"] / 60 for e in evals], [e["val_bpb"] for e in evals], "o-", ms=3,
                 label=f"{r['cell']} ({r['val_bpb']:.3f})")
+    later = [e["val_bpb"] for r in results for e in read_log(os.path.join(grid_dir, r["cell"]))
+             if "val_bpb" in e and e["iter"] > 0]
+    if later:  # the step-0 evaluations (about 3 bits/byte) would flatten the part worth reading
+        ax.set_ylim(min(later) - 0.02, max(later) + 0.02)
     ax.set_xlabel("wall-clock (minutes)")
     ax.set_ylabel("val bits per byte")
     ax.set_title(f"{name}: val bits/byte against time")

@@ -158,6 +158,12 @@ class TokenDataset:
             self.eot_token = self.meta["eot_token"]
             self.dtype = np.dtype(self.meta["dtype"])
             splits = {split: (info["file"], info["tokens"]) for split, info in self.meta["splits"].items()}
+            if self.dtype not in (np.uint16, np.uint32):
+                raise ValueError(f"dtype {self.dtype} is not uint16 or uint32")
+            if not (isinstance(self.n_vocab, int) and 0 < self.n_vocab <= 2 ** (8 * self.dtype.itemsize)):
+                raise ValueError(f"n_vocab {self.n_vocab!r} does not fit its {self.dtype} token ids")
+            if self.eot_token is not None and not (isinstance(self.eot_token, int) and 0 <= self.eot_token < self.n_vocab):
+                raise ValueError(f"eot_token {self.eot_token!r} is not an id below n_vocab {self.n_vocab}")
         except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
             raise ValueError(f"{meta_path} is not a meta.json of prepare.py ({type(e).__name__}: {e}): "
                              "re-run prepare.py") from None

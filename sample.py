@@ -134,7 +134,7 @@ def chat_session(model, tok, prompt, generator, dev):
     on stdin (an empty line or Ctrl-D ends it). The model sees the last block_size tokens of it."""
     history = [{"role": "system", "content": system}] if system else []
     chat_messages(tok, history)  # no chat tokens: fail before anything is typed
-    end = tok.special_tokens["<|im_end|>"]
+    end = tok.special_tokens[IM_END]
     if prompt:
         ids = chat_messages(tok, history + [{"role": "user", "content": prompt}])
         for n in range(num_samples):

@@ -1,7 +1,7 @@
-# The recipe study: the quickstart model and data, 3 minutes of 2 CPU cores a cell, one change a cell.
+# The recipe study: the previous (GPT-2-style) quickstart recipe, 3 minutes of 2 CPU cores a cell, one change a cell.
 #   python ablate.py config/ablate_recipe.py
 name = "recipe"
-base = ["config/quickstart.py"]
+base = ["config/quickstart_gpt2.py"]
 budget = 3.0
 cells = [
     ("baseline", {}),
@@ -14,4 +14,6 @@ cells = [
     ("width_192", {"n_embd": 192, "n_head": 6}),
     ("depth_6", {"n_layer": 6}),
     ("block_256", {"block_size": 256, "batch_size": 8}),
+    ("llama_lr_3e-3", {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "learning_rate": 3e-3, "min_lr": 3e-4}),
+    ("llama_vocab_8192", {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "vocab_size": 8192}),
 ]

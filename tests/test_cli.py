@@ -16,7 +16,7 @@ from configurator import help_text, settings_of
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("script", ["train.py", "sample.py", "finetune.py", "export.py", "prepare.py"])
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "finetune.py", "export.py", "prepare.py", "ablate.py"])
 def test_help_prints_the_docstring_and_exits_0(script):
     proc = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
@@ -26,7 +26,7 @@ def test_help_prints_the_docstring_and_exits_0(script):
         assert re.search(r"^  --out_dir=\S+ +\S", proc.stdout, re.M)  # a setting, its default, its comment
 
 
-@pytest.mark.parametrize("script", ["train", "sample", "finetune", "export"])
+@pytest.mark.parametrize("script", ["train", "sample", "finetune", "export", "ablate"])
 def test_help_lists_every_setting_with_its_default_and_a_comment(script):
     module = __import__(script)
     defaults = settings_of(vars(module))

@@ -47,7 +47,7 @@ def test_the_install_exports_only_the_extension():
 
 # --- the floor: scripts stand on library modules, never on one another --------------------------------------
 
-SCRIPTS = {"prepare", "train", "sample", "finetune", "export"}
+SCRIPTS = {"prepare", "train", "sample", "finetune", "export", "ablate"}
 
 
 def imported_names(path):

@@ -361,3 +361,32 @@ def test_train_fraction_draws_only_from_the_first_part(data_dirs):
     assert all(s + 16 < len(first) for s in starts)
     with pytest.raises(ValueError, match="must be in"):
         dataset.keep_fraction("train", 0.0)
+
+
+def test_our_muon_is_torchs_muon_and_its_float32_path_stays_close():
+    """training.Muon against its reference, torch.optim.Muon(adjust_lr_fn="match_rms_adamw"): identical with
+    the same (bfloat16) Newton-Schulz products; in float32, as it runs on the CPU, within bfloat16's rounding."""
+    from training import Muon, orthogonalize
+    torch.manual_seed(0)
+    shapes = [(96, 32), (32, 128), (48, 48)]
+    start = [torch.randn(*s) for s in shapes]
+    grads = [[torch.randn(*s) for s in shapes] for _ in range(3)]
+
+    def after_steps(make):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        optimizer = make(params)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            optimizer.step()
+        return [p.detach() for p in params]
+    reference = after_steps(lambda ps: torch.optim.Muon(ps, lr=1e-2, weight_decay=0.1, adjust_lr_fn="match_rms_adamw"))
+    same = after_steps(lambda ps: Muon(ps, 1e-2, 0.1, ns_dtype=torch.bfloat16))
+    ours = after_steps(lambda ps: Muon(ps, 1e-2, 0.1))  # float32 on the CPU
+    for r, s, o, p in zip(reference, same, ours, start):
+        assert torch.equal(r, s)
+        assert (o - p).abs().max() > 1e-3  # it moved
+        torch.testing.assert_close(o, r, rtol=0, atol=2e-3)
+    x = orthogonalize(torch.randn(64, 16))  # tall: 16 columns, about orthonormal
+    singular = torch.linalg.svdvals(x)
+    assert singular.min() > 0.5 and singular.max() < 1.5
