@@ -215,6 +215,23 @@ def test_broken_meta_is_one_clear_error(tmp_path, gpt2):
         TokenDataset(d)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("n_vocab", 10 ** 12, "n_vocab 1000000000000 does not fit its uint16 token ids"),  # no 10^12-row embedding
+    ("n_vocab", -5, "n_vocab -5 does not fit"),
+    ("n_vocab", "50257", "does not fit"),
+    ("eot_token", 70000, "eot_token 70000 is not an id below n_vocab 50257"),
+    ("dtype", "float64", "dtype float64 is not uint16 or uint32"),
+])
+def test_meta_with_absurd_sizes_is_refused(tmp_path, gpt2, key, value, message):
+    d = make_dataset(tmp_path / "d", np.arange(100), np.arange(100), tokenizer=gpt2)
+    meta_path = os.path.join(d, "meta.json")
+    meta = json.load(open(meta_path))
+    meta[key] = value
+    json.dump(meta, open(meta_path, "w"))
+    with pytest.raises(ValueError, match="meta.json is not a meta.json of prepare.py.*" + message):
+        TokenDataset(d)
+
+
 def test_meta_disagreeing_with_the_files_is_refused(tmp_path, gpt2):
     d = make_dataset(tmp_path / "d", np.arange(100), np.arange(100), tokenizer=gpt2)
     write_tokens(os.path.join(d, "val.bin"), np.arange(50), np.uint16)  # another run's file
