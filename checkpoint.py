@@ -19,6 +19,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 
 import torch
 from safetensors import SafetensorError
@@ -136,6 +137,20 @@ def save_checkpoint(out_dir, kind, model, optimizer, info, adapter=None):
     except BaseException:  # an error or a second Ctrl-C: no stray temporary checkpoint is left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def seconds_to_save(out_dir, model, optimizer, info, adapter=None):
+    """Seconds one save_checkpoint and the loss plot take in out_dir, what max_time counts for each
+    checkpoint: saved into a temporary directory, removed after (one left by a crash goes at the next start)."""
+    plot_loss_curve(out_dir)  # the first plot imports matplotlib: a cost paid once, not at each evaluation
+    probe = tempfile.mkdtemp(dir=out_dir, prefix=".timing.tmp")
+    timed = time.time()
+    try:
+        save_checkpoint(probe, "last", model, optimizer, info, adapter)
+        plot_loss_curve(out_dir)
+        return time.time() - timed
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
 
 
 def remove_stale_temporaries(out_dir):

@@ -22,9 +22,7 @@ merged/ after --merge. Ctrl-C saves last/ before exiting; --init_from=resume con
 """
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 import torch
@@ -32,7 +30,8 @@ import torch
 from chat import add_chat_tokens, encode_rows, get_batch, read_conversations, render_conversation, split_rows
 from checkpoint import (append_log, base_weights_hash, check_compatible, checkpoint_dir, find_checkpoint,
                         is_adapter, load_adapter, load_run, load_training_state, load_weights, plot_loss_curve,
-                        read_config, read_tensors, remove_stale_temporaries, save_checkpoint, truncate_log)
+                        read_config, read_tensors, remove_stale_temporaries, save_checkpoint, seconds_to_save,
+                        truncate_log)
 from configurator import ConfigError, configure, require_at_least, settings_of
 from files import CheckpointError, DataError, atomic_write
 from instruct import eval_rows, instruction_eval, write_instruct_data
@@ -347,18 +346,12 @@ def main():
         return step_loss, sum(x.numel() for x, _ in batches)
 
     def measure_eval():
-        """Seconds of one evaluation, two checkpoint saves and the plot, as the loop will spend them."""
-        plot_loss_curve(out_dir)  # the first plot imports matplotlib: a cost paid once, not at each eval
+        """Seconds of one evaluation with what follows it in the loop: two checkpoint saves (best, last), plots."""
         timed = time.time()
         for split, examples in (("train", train_examples), ("val", val_examples)):
             response_loss(model, examples, split, pad_token, dev, autocast)
-        probe = tempfile.mkdtemp(dir=out_dir, prefix=".timing.tmp")
-        save_checkpoint(probe, "last", model, optimizer, checkpoint_info(),
-                        adapter_tensors(model, n_base) if mode == "lora" else None)
-        shutil.rmtree(probe)
-        save_s = time.time() - timed
-        plot_loss_curve(out_dir)
-        return time.time() - timed + save_s
+        adapter = adapter_tensors(model, n_base) if mode == "lora" else None
+        return time.time() - timed + 2 * seconds_to_save(out_dir, model, optimizer, checkpoint_info(), adapter)
 
     if total_iters is None and not eval_only:  # max_time: as many iterations as the budget holds
         total_iters, step_s, eval_s = iterations_in_budget(

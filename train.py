@@ -5,23 +5,22 @@ Pretrain a GPT with next-token cross-entropy: on CPU, one GPU, or several GPUs w
     python train.py config/tinystories.py                         # one GPU
     torchrun --standalone --nproc_per_node=4 train.py config/tinystories.py
     python train.py config/quickstart.py --init_from=resume       # continue an interrupted run
-    torchrun --standalone --nproc_per_node=2 train.py config/quickstart.py --gradient_accumulation_steps=2 --batch_size=8
+    torchrun --standalone --nproc_per_node=2 train.py config/quickstart.py \
+        --gradient_accumulation_steps=2 --batch_size=8            # DDP on the CPU: the processes share each step
 
 Settings are the globals below; config files and --key=value override them (configurator.py).
 out_dir receives: last/ and best/ checkpoints (model.safetensors, state.pt, config.json), log.jsonl,
 loss.png, and a copy of the tokenizer when it is not GPT-2's. Ctrl-C saves last/ before exiting.
 """
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
 
 from checkpoint import (append_log, checkpoint_dir, copy_tokenizer, plot_loss_curve, remove_stale_temporaries,
-                        resume, rng_state, save_checkpoint, tokenizer_info, truncate_log)
+                        resume, rng_state, save_checkpoint, seconds_to_save, tokenizer_info, truncate_log)
 from configurator import ConfigError, configure, require_at_least, settings_of
 from data import TokenDataset
 from model import GPT, GPTConfig
@@ -238,22 +237,13 @@ def main():
         return step_loss.item()
 
     def measure_eval():
-        """Seconds of one evaluation with what follows it in the loop: two checkpoint saves (best and last) and
-        the plot, the saves made into a temporary directory (removed at the next start if left by a crash)."""
+        """Seconds of one evaluation with what follows it in the loop: two checkpoint saves (best, last), plots."""
         timed = time.time()
         estimate_loss(raw_model, dataset, autocast, dev, rank, world_size)
-        loss_s = time.time() - timed
-        save_s = 0.0
-        if master:
-            os.makedirs(out_dir, exist_ok=True)
-            plot_loss_curve(out_dir)  # the first plot imports matplotlib: a cost paid once, not at each eval
-            probe = tempfile.mkdtemp(dir=out_dir, prefix=".timing.tmp")
-            timed = time.time()
-            save_checkpoint(probe, "last", raw_model, optimizer, checkpoint_info([rng_state()]))
-            plot_loss_curve(out_dir)
-            save_s = time.time() - timed
-            shutil.rmtree(probe)
-        return loss_s + 2 * save_s
+        if not master:
+            return time.time() - timed
+        os.makedirs(out_dir, exist_ok=True)
+        return time.time() - timed + 2 * seconds_to_save(out_dir, raw_model, optimizer, checkpoint_info([rng_state()]))
 
     if total_iters is None:  # max_time: as many iterations as the budget holds, at this machine's pace
         total_iters, step_s, eval_s = iterations_in_budget(
