@@ -16,4 +16,6 @@ cells = [
     ("block_256", {"block_size": 256, "batch_size": 8}),
     ("llama_lr_3e-3", {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "learning_rate": 3e-3, "min_lr": 3e-4}),
     ("llama_vocab_8192", {"pos": "rope", "norm": "rmsnorm", "mlp": "swiglu", "vocab_size": 8192}),
+    ("muon_llama_lr_3e-3", {"optim": "muon", "pos": "rope", "norm": "rmsnorm", "mlp": "swiglu",
+                            "learning_rate": 3e-3, "min_lr": 3e-4}),
 ]
