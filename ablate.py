@@ -163,13 +163,13 @@ def write_plots(grid_dir, results):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    evals = {r["cell"]: [e for e in read_log(os.path.join(grid_dir, r["cell"])) if "val_bpb" in e and "time" in e]
+             for r in results}
     fig, ax = plt.subplots(figsize=(8, 5))  # every cell's val bits/byte against wall-clock
     for r in sorted(results, key=lambda r: r["val_bpb"]):
-        evals = [e for e in read_log(os.path.join(grid_dir, r["cell"])) if "val_bpb" in e and "time" in e]
-        ax.plot([e["time"] / 60 for e in evals], [e["val_bpb"] for e in evals], "o-", ms=3,
+        ax.plot([e["time"] / 60 for e in evals[r["cell"]]], [e["val_bpb"] for e in evals[r["cell"]]], "o-", ms=3,
                 label=f"{r['cell']} ({r['val_bpb']:.3f})")
-    later = [e["val_bpb"] for r in results for e in read_log(os.path.join(grid_dir, r["cell"]))
-             if "val_bpb" in e and e["iter"] > 0]
+    later = [e["val_bpb"] for cell_evals in evals.values() for e in cell_evals if e["iter"] > 0]
     if later:  # the step-0 evaluations (about 3 bits/byte) would flatten the part worth reading
         ax.set_ylim(min(later) - 0.02, max(later) + 0.02)
     ax.set_xlabel("wall-clock (minutes)")

@@ -34,6 +34,11 @@ from tokenizer import Tokenizer, special_tokens_path
 
 # --- reading a checkpoint's files, each checked ------------------------------------------------------------
 
+def first_line(error):
+    """The first line of an exception's message (its type's name when it has none), at most 200 characters."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
 def damaged(path, reason):
     """The error for a file that cannot be read as what it should be: which file, why, what to do."""
     which = os.path.basename(os.path.dirname(os.path.abspath(path)))
@@ -64,7 +69,7 @@ def read_tensors(path, device="cpu"):
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; train again") from None
     except (SafetensorError, OSError, ValueError) as e:
-        raise damaged(path, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+        raise damaged(path, first_line(e)) from None
 
 
 def load_weights(model, path):
@@ -74,10 +79,10 @@ def load_weights(model, path):
     try:
         load_model(model, path)
     except (SafetensorError, OSError) as e:
-        raise damaged(path, (str(e).strip().splitlines() or [type(e).__name__])[0]) from None
+        raise damaged(path, first_line(e)) from None
     except RuntimeError as e:  # names or shapes that are not the model's
         raise CheckpointError(f"{path} does not hold the weights of the model its config.json describes "
-                              f"({(str(e).strip().splitlines() or [''])[0][:200]}); train again") from None
+                              f"({first_line(e)}); train again") from None
 
 
 def read_state(path):
@@ -89,7 +94,7 @@ def read_state(path):
         raise CheckpointError(f"{state_path} is missing: this checkpoint can be sampled from, not resumed") from None
     except Exception as e:  # a truncated zip (RuntimeError), a pickle with code in it (UnpicklingError), ...
         reason = "it holds Python objects beyond tensors, which are not loaded" if "Weights only" in str(e) \
-            else (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            else first_line(e)
         raise damaged(state_path, reason) from None
     if not isinstance(state, dict) or "optimizer" not in state or "iter_num" not in state:
         raise damaged(state_path, "not a training state")
