@@ -295,7 +295,8 @@ def main():
     if has_checkpoint and not eval_only:
         state = resume_finetune(last, model, optimizer, scaler, run_config, n_base)
         iter_num, best_val_loss, tokens_seen = state["iter_num"], state["best_val_loss"], state["tokens_seen"]
-        total_iters = total_iters or state.get("max_iters")  # a max_time run finishes the schedule it fixed
+        if total_iters is None:  # max_time: the run finishes the schedule it fixed (None before max_time existed)
+            total_iters = state.get("max_iters")
         print(f"resuming from {last} at iteration {iter_num}")
         truncate_log(out_dir, iter_num, evaluates_again=iter_num % eval_interval == 0 or
                      iter_num >= (total_iters or max_iters))

@@ -159,7 +159,8 @@ def main():
     if has_checkpoint and (init_from in ("resume", "auto") or eval_only):
         state = resume(last, model, optimizer, run_config, scaler, rank)
         iter_num, best_val_loss, tokens_seen = state["iter_num"], state["best_val_loss"], state["tokens_seen"]
-        total_iters = total_iters or state.get("max_iters")  # a max_time run finishes the schedule it fixed
+        if total_iters is None:  # max_time: the run finishes the schedule it fixed (None before max_time existed)
+            total_iters = state.get("max_iters")
         started -= state.get("elapsed") or 0.0  # the log's clock goes on from where the run stopped
         if master and not eval_only:
             print(f"resuming from {last} at iteration {iter_num}" +

@@ -390,3 +390,18 @@ def test_our_muon_is_torchs_muon_and_its_float32_path_stays_close():
     x = orthogonalize(torch.randn(64, 16))  # tall: 16 columns, about orthonormal
     singular = torch.linalg.svdvals(x)
     assert singular.min() > 0.5 and singular.max() < 1.5
+
+
+def test_max_iters_0_resumes_an_older_checkpoint_without_a_recorded_count(data_dirs, tmp_path):
+    """A checkpoint from before max_time (no "max_iters" in state.pt) resumed with --max_iters=0: evaluate and
+    stop, as 0 asks (0 counted as "no count": the run fell back to the missing one and timed steps for a
+    max_time it was never given)."""
+    out = tmp_path / "run"
+    run("train.py", *TINY, f"--data_dir={data_dirs[0]}", f"--out_dir={out}", "--max_iters=2")
+    state = torch.load(out / "last" / "state.pt", weights_only=True)
+    del state["max_iters"]
+    torch.save(state, out / "last" / "state.pt")
+    proc = run("train.py", *TINY, f"--data_dir={data_dirs[0]}", f"--out_dir={out}", "--max_iters=0",
+               "--init_from=resume", check=False)
+    assert proc.returncode == 0 and "iter 2: train loss" in proc.stdout, proc.stderr
+    assert "max_time" not in proc.stdout
