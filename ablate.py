@@ -6,9 +6,11 @@ model per CPU-minute.
     python ablate.py config/ablate_recipe.py                # run the grid (an interrupted grid continues)
     python ablate.py config/ablate_sizes.py --budget=1      # another grid, one minute a cell
     python ablate.py config/ablate_recipe.py --report_only  # the table and plots of the cells finished so far
+    python ablate.py config/ablate_tune.py                  # 1,200 iterations a cell, two cells at a time
 
 Each cell is one `train.py` process (the training code itself: no second loop here) run with the grid's
-base arguments, `--max_time=budget`, and the cell's own settings; `vocab_size` is the one setting that is
+base arguments, `--max_time=budget` (or `--max_iters=iters`: the same steps for every cell, which may then run
+`jobs` at a time), and the cell's own settings; `vocab_size` is the one setting that is
 not train.py's: a cell with it trains on the bundled corpus prepared with a vocabulary of that size (0: GPT-2's),
 made once by prepare.py and shared. A finished cell is never run again (its line in results.jsonl says so);
 an interrupted one continues from its last checkpoint. out_dir/<grid> receives a directory per cell (the run),
@@ -26,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from tqdm import tqdm
 
@@ -42,6 +45,8 @@ out_dir = "out"  # where grids go
 data_root = "data"  # where the corpus prepared at each vocab_size goes (data_root/bundled_bpe<N>)
 base = ["config/quickstart.py"]  # train.py arguments every cell shares (config files, --key=value)
 budget = 3.0  # minutes of wall-clock per cell (train.py --max_time)
+iters = 0  # instead of budget: this many optimizer steps per cell (train.py --max_iters); 0: use budget
+jobs = 1  # cells run at once, each with cores / jobs threads -- only with iters: timed cells need the machine alone
 cells = []  # [(cell name, {setting: value})]; or leave empty and give axes
 axes = []  # [(setting, [values])]: one cell per combination
 report_only = False  # write the table and plots from the finished cells, run nothing
@@ -77,7 +82,8 @@ def data_dir_for(vocab_size):
 
 def train_arguments(settings, run_dir):
     """train.py's arguments for a cell: the base, the budget, the cell's settings (vocab_size -> data_dir)."""
-    args = list(base) + [f"--out_dir={run_dir}", f"--max_time={budget}", "--init_from=auto"]
+    limit = ["--max_time=0", f"--max_iters={iters}"] if iters else [f"--max_time={budget}"]
+    args = list(base) + [f"--out_dir={run_dir}", *limit, "--init_from=auto"]
     for key, value in settings.items():
         if key == "vocab_size":
             args.append(f"--data_dir={data_dir_for(value)}")
@@ -99,34 +105,50 @@ def cell_result(cell, settings, run_dir, args, wall):
             "val_loss": final["val_loss"], "train_loss": final["train_loss"]}
 
 
+def run_cell(cell, settings, grid_dir, threads):
+    """Train one cell to the end (continuing a run stopped part-way); its result, or None if train.py failed."""
+    run_dir = os.path.join(grid_dir, cell)
+    args = train_arguments(settings, run_dir)
+    marker = os.path.join(run_dir, "cell.json")  # the arguments the run in run_dir was started with
+    if os.path.isfile(marker) and json.load(open(marker)) != args:
+        shutil.rmtree(run_dir)  # the cell's settings changed: its old run cannot be continued
+    os.makedirs(run_dir, exist_ok=True)
+    atomic_write(marker, json.dumps(args).encode())
+    started = time.time()
+    extra = [f"--num_threads={threads}"] if threads else []  # how it runs, not what it computes: not in args
+    with open(os.path.join(run_dir, "train.out"), "a") as out:
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args, *extra], stdout=out,
+                              stderr=subprocess.STDOUT)
+    if proc.returncode:
+        tqdm.write(f"{cell}: train.py failed (exit {proc.returncode}); see {run_dir}/train.out")
+        return None
+    return cell_result(cell, settings, run_dir, args, time.time() - started)
+
+
 def run_grid(grid_dir, todo, done):
-    """Run each cell of todo not in done (results.jsonl), appending each result as it finishes."""
+    """Run each cell of todo not in done (results.jsonl), jobs at a time, appending each result as it
+    finishes."""
+    if jobs < 1 or (jobs > 1 and not iters):
+        raise ConfigError(f"jobs={jobs}: cells sharing the machine get fewer steps in a time budget; run them "
+                          "in parallel only with an iteration budget (iters=N)")
     results_path = os.path.join(grid_dir, "results.jsonl")
-    bar = tqdm(todo, desc=name, unit="cell")
-    for cell, settings in bar:
-        run_dir = os.path.join(grid_dir, cell)
-        args = train_arguments(settings, run_dir)
-        if done.get(cell, {}).get("args") == args:
-            continue
-        bar.set_postfix_str(cell)
-        marker = os.path.join(run_dir, "cell.json")  # the arguments the run in run_dir was started with
-        if os.path.isfile(marker) and json.load(open(marker)) != args:
-            shutil.rmtree(run_dir)  # the cell's settings changed: its old run cannot be continued
-        os.makedirs(run_dir, exist_ok=True)
-        atomic_write(marker, json.dumps(args).encode())
-        started = time.time()
-        with open(os.path.join(run_dir, "train.out"), "a") as out:
-            proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], stdout=out,
-                                  stderr=subprocess.STDOUT)
-        if proc.returncode:
-            tqdm.write(f"{cell}: train.py failed (exit {proc.returncode}); see {run_dir}/train.out")
-            continue
-        result = cell_result(cell, settings, run_dir, args, time.time() - started)
-        done[cell] = result
-        with open(results_path, "a") as f:
-            f.write(json.dumps(result) + "\n")
-        tqdm.write(f"{cell}: val {result['val_bpb']:.4f} bits/byte, {result['params'] / 1e6:.2f}M parameters, "
-                   f"{result['tokens'] / 1e6:.1f}M tokens in {result['seconds'] / 60:.1f} min")
+    pending = [(cell, settings) for cell, settings in todo
+               if done.get(cell, {}).get("args") != train_arguments(settings, os.path.join(grid_dir, cell))]
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+    bar = tqdm(total=len(todo), initial=len(todo) - len(pending), desc=name, unit="cell")
+    with ThreadPoolExecutor(jobs) as pool:  # threads that each wait on a train.py process
+        futures = [pool.submit(run_cell, cell, settings, grid_dir, threads) for cell, settings in pending]
+        for future in as_completed(futures):
+            result = future.result()
+            bar.update(1)
+            if result is None:
+                continue
+            done[result["cell"]] = result
+            with open(results_path, "a") as f:
+                f.write(json.dumps(result) + "\n")
+            tqdm.write(f"{result['cell']}: val {result['val_bpb']:.4f} bits/byte, {result['params'] / 1e6:.2f}M "
+                       f"parameters, {result['tokens'] / 1e6:.1f}M tokens in {result['seconds'] / 60:.1f} min")
+    bar.close()
 
 
 def read_results(grid_dir):
@@ -139,6 +161,10 @@ def read_results(grid_dir):
                 record = json.loads(line)
                 done[record["cell"]] = record
     return done
+
+
+def per_cell():
+    return f"{iters} iterations" if iters else f"{budget:g} minutes"
 
 
 # --- the report -----------------------------------------------------------------------------------------
@@ -154,7 +180,7 @@ def write_table(grid_dir, results):
              f"{r['tokens'] / 1e6:.1f}M", f"{r['seconds'] / 60:.1f}", f"{r['val_bpb']:.4f}", f"{r['best_val_bpb']:.4f}"]
             for r in sorted(results, key=lambda r: r["val_bpb"])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-    text = (f"# {name}: {budget:g} minutes a cell, base {' '.join(base)}\n\n" + "\n".join(lines) + "\n")
+    text = (f"# {name}: {per_cell()} a cell, base {' '.join(base)}\n\n" + "\n".join(lines) + "\n")
     atomic_write(os.path.join(grid_dir, "results.md"), text.encode())
     return text
 
@@ -192,7 +218,7 @@ def write_plots(grid_dir, results):
             ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"{other}={group}" if other else None)
         ax.set_xscale("log", base=2)
         ax.set_xlabel(key)
-        ax.set_ylabel(f"val bits per byte after {budget:g} min")
+        ax.set_ylabel(f"val bits per byte after {per_cell()}")
         ax.grid(alpha=0.3)
         if other:
             ax.legend()

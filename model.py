@@ -37,13 +37,14 @@ class GPTConfig:
     bias: bool = False  # biases in Linear and LayerNorm layers (GPT-2 had them)
     pos: str = "learned"  # "learned" absolute position embeddings, or "rope" (rotary)
     norm: str = "layernorm"  # "layernorm" or "rmsnorm"
-    mlp: str = "gelu"  # "gelu" (4x wide) or "swiglu" (gated, about 8/3x wide)
+    mlp: str = "gelu"  # "gelu" (4x wide), "swiglu" (gated, about 8/3x wide) or "relu2" (relu(x)^2, 4x wide)
+    qk_norm: bool = False  # RMSNorm (with a gain per head dimension) on each head's queries and keys
     tie_embeddings: bool = True  # the output projection shares the token embedding matrix
     rope_theta: float = 10000.0
     kernels: str = "auto"  # attention and loss: "triton" (triton_ops/, CUDA), "torch", "auto" (triton on CUDA)
 
     def __post_init__(self):
-        choices = {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu"),
+        choices = {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu", "relu2"),
                    "kernels": ("auto", "triton", "torch")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -62,7 +63,7 @@ class GPTConfig:
 
     @property
     def mlp_hidden(self) -> int:
-        if self.mlp == "gelu":
+        if self.mlp != "swiglu":
             return 4 * self.n_embd
         return 64 * math.ceil(8 * self.n_embd / 3 / 64)  # SwiGLU: ~the parameters of a 4x GELU MLP
 
@@ -131,6 +132,11 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v together
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        if config.qk_norm:  # Qwen3's q_norm and k_norm
+            self.q_norm = nn.Parameter(torch.ones(config.n_embd // config.n_head))
+            self.k_norm = nn.Parameter(torch.ones(config.n_embd // config.n_head))
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(self, x, rope=None, cache: Optional[KVCache] = None, attn_mask=None):
         B, T, C = x.size()
@@ -138,6 +144,9 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if self.q_norm is not None:
+            q = F.rms_norm(q, self.q_norm.shape, self.q_norm, eps=1e-5)
+            k = F.rms_norm(k, self.k_norm.shape, self.k_norm, eps=1e-5)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
@@ -156,6 +165,7 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.gated = config.mlp == "swiglu"
+        self.squared = config.mlp == "relu2"
         hidden = config.mlp_hidden
         self.c_fc = nn.Linear(config.n_embd, (2 if self.gated else 1) * hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
@@ -166,6 +176,8 @@ class MLP(nn.Module):
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.squared:
+            h = F.relu(h).square()
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
         return self.dropout(self.c_proj(h))
@@ -227,6 +239,14 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2: scale the residual projections by depth
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @torch.no_grad()
+    def zero_output_projections_(self):
+        """Start every block as the identity: its attention and MLP output projections at zero (modded-nanogpt's
+        init; the residual stream then carries the embeddings unchanged until training opens the blocks)."""
+        for block in self.transformer.h:
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -335,6 +355,8 @@ class GPT(nn.Module):
         if any(type(m) is not nn.Linear for m in linears):
             return None  # wrapped layers (finetune.py's LoRA adapters) compute more than their weight
         c = self.config
+        if c.qk_norm or c.mlp == "relu2":
+            return None  # not in the C++ step (yet): PyTorch's step runs these
 
         def array(t):
             return None if t is None else t.detach().numpy()

@@ -51,10 +51,14 @@ dropout = 0.0  # on attention and residual outputs while training
 bias = False  # biases in the linear layers and norms
 pos = "learned"  # "learned" or "rope"
 norm = "layernorm"  # "layernorm" or "rmsnorm"
-mlp = "gelu"  # "gelu" or "swiglu"
+mlp = "gelu"  # "gelu", "swiglu" or "relu2" (relu(x)^2)
+qk_norm = False  # RMSNorm on each head's queries and keys (Qwen3's q_norm, k_norm)
 tie_embeddings = True  # the output head shares the token embedding matrix
 # optimizer
 optim = "adamw"  # "adamw", or "muon": Muon for the blocks' weight matrices, AdamW for embeddings, head, gains
+muon_lr = 0.0  # muon: Muon's peak learning rate (the schedule scales it with learning_rate's); 0: learning_rate
+muon_split = False  # muon: orthogonalise q, k, v (and SwiGLU's gate and up) apart, not as one fused matrix
+zero_init = False  # start the blocks' output projections (attention's and the MLP's c_proj) at zero
 learning_rate = 1e-3  # peak, after warmup
 max_iters = 2000  # optimizer steps in all
 max_time = 0.0  # minutes of wall-clock for the whole run instead (evaluations and checkpoints included): the
@@ -63,8 +67,10 @@ weight_decay = 0.1  # on weight matrices and embeddings, not on norms or biases
 beta1 = 0.9  # AdamW's momentum
 beta2 = 0.95  # AdamW's second-moment decay
 grad_clip = 1.0  # clip the gradient norm to this; 0 disables
-# learning rate schedule: linear warmup, then cosine decay to min_lr at lr_decay_iters
+# learning rate schedule: linear warmup, then a decay to min_lr at lr_decay_iters
 decay_lr = True  # False: a constant learning_rate
+lr_schedule = "cosine"  # the decay: "cosine", "linear", or "wsd" (constant, then linear over the last cooldown)
+cooldown = 0.3  # wsd: the fraction of the decay iterations spent decaying
 warmup_iters = 100  # iterations of linear warmup from 0
 lr_decay_iters = 0  # 0: max_iters
 min_lr = 1e-4  # the learning rate at the end of the decay
@@ -128,7 +134,7 @@ def main():
                      eval_iters=eval_iters, log_interval=log_interval,
                      gradient_accumulation_steps=gradient_accumulation_steps)
     require_at_least(0, max_iters=max_iters, warmup_iters=warmup_iters, lr_decay_iters=lr_decay_iters,
-                     max_time=max_time)
+                     max_time=max_time, muon_lr=muon_lr)
     micro_steps = micro_steps_per_process(gradient_accumulation_steps, batch_size, world_size)
     autocast = autocast_for(device_type, dtype_name)
 
@@ -138,14 +144,22 @@ def main():
     meta = dataset.meta
     model_config = GPTConfig(block_size=block_size, vocab_size=meta["n_vocab"], n_layer=n_layer, n_head=n_head,
                              n_embd=n_embd, dropout=dropout, bias=bias, pos=pos, norm=norm, mlp=mlp,
-                             tie_embeddings=tie_embeddings, kernels=kernels)
+                             qk_norm=qk_norm, tie_embeddings=tie_embeddings, kernels=kernels)
     run_config = {"model": model_config.to_dict(), "tokenizer": tokenizer_info(meta),
                   "train": settings_of(globals())}
     model = GPT(model_config).to(dev)
     if optim not in ("adamw", "muon"):
         raise ConfigError(f"optim={optim!r}: choose adamw or muon")
-    make = make_muon_optimizer if optim == "muon" else lambda m, *args: make_optimizer(m.parameters(), *args)
-    optimizer = make(model, device_type, learning_rate, weight_decay, (beta1, beta2))
+    if lr_schedule not in ("cosine", "linear", "wsd") or not 0 < cooldown <= 1:
+        raise ConfigError(f"lr_schedule={lr_schedule!r}, cooldown={cooldown}: choose cosine, linear or wsd, "
+                          "and a cooldown in (0, 1]")
+    if zero_init:
+        model.zero_output_projections_()
+    if optim == "muon":
+        optimizer = make_muon_optimizer(model, device_type, learning_rate, weight_decay, (beta1, beta2),
+                                        muon_split, muon_lr)
+    else:
+        optimizer = make_optimizer(model.parameters(), device_type, learning_rate, weight_decay, (beta1, beta2))
     scaler = torch.amp.GradScaler(device_type, enabled=dtype_name == "float16")
 
     # a fresh run, or the one in out_dir continued
@@ -265,7 +279,8 @@ def main():
         if iter_num % eval_interval == 0:
             evaluate_and_save()
         step_started = time.time()
-        lr = get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters or total_iters, decay_lr)
+        lr = get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters or total_iters, decay_lr,
+                    lr_schedule, cooldown)
         loss_value = train_step(iter_num, lr)
         step_seconds, steps_timed = step_seconds + time.time() - step_started, steps_timed + 1
         check_finite(loss_value, iter_num, learning_rate)

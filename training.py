@@ -59,17 +59,24 @@ def batch_seed(seed, split, iteration, micro_step):
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def get_lr(it, max_lr, min_lr, warmup_iters, decay_iters, decay=True):
-    """Linear warmup to max_lr over warmup_iters, then cosine decay to min_lr at decay_iters; max_lr
-    throughout when not decay."""
+def get_lr(it, max_lr, min_lr, warmup_iters, decay_iters, decay=True, schedule="cosine", cooldown=0.3):
+    """Linear warmup to max_lr over warmup_iters, then down to min_lr at decay_iters: "cosine" decay all the
+    way, "linear" decay all the way, or "wsd" (warmup-stable-decay): max_lr until the last cooldown fraction of
+    the decay, then linear. max_lr throughout when not decay."""
     if not decay:
         return max_lr
     if it < warmup_iters:
         return max_lr * (it + 1) / (warmup_iters + 1)
     if it >= decay_iters:
         return min_lr
-    progress = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+    progress = (it - warmup_iters) / max(1, decay_iters - warmup_iters)  # 0 -> 1 over the decay
+    if schedule == "cosine":
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+    if schedule == "linear":
+        return max_lr + progress * (min_lr - max_lr)
+    if schedule == "wsd":
+        return max_lr + max(0.0, (progress - 1 + cooldown) / cooldown) * (min_lr - max_lr)
+    raise ValueError(f"lr_schedule={schedule!r}: choose cosine, linear or wsd")
 
 
 def make_optimizer(params, device_type, learning_rate, weight_decay, betas, no_decay=()):
@@ -134,7 +141,8 @@ class Muon(torch.optim.Optimizer):
     matrix products ran 4-5x slower here, bfloat16 on GPUs."""
 
     def __init__(self, params, lr, weight_decay, momentum=0.95, nesterov=True, ns_dtype=None):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov))
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                      split=1))
         self.ns_dtype = ns_dtype
 
     @torch.no_grad()
@@ -148,25 +156,40 @@ class Muon(torch.optim.Optimizer):
                 buf.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
                 dtype = self.ns_dtype or (torch.float32 if p.device.type == "cpu" else torch.bfloat16)
-                update = orthogonalize(update.to(dtype)).to(p.dtype)
                 p.mul_(1 - lr * decay)
-                p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
+                # a group's "split": fused matrices (q, k, v stacked) orthogonalised a block of rows at a time
+                split = group.get("split", 1)  # (a checkpoint from before split has none)
+                for block, part in zip(update.chunk(split), p.chunk(split)):
+                    step = orthogonalize(block.to(dtype)).to(p.dtype)
+                    part.add_(step, alpha=-lr * 0.2 * math.sqrt(max(part.shape)))
 
 
-def make_muon_optimizer(model, device_type, learning_rate, weight_decay, betas):
+def make_muon_optimizer(model, device_type, learning_rate, weight_decay, betas, split=False, muon_lr=0.0):
     """Muon for the 2-D weight matrices of the transformer blocks; AdamW (make_optimizer) for the embeddings,
-    the head, norms and biases."""
-    hidden = [p for name, p in model.named_parameters()
+    the head, norms and biases. muon_lr: Muon's peak learning rate, when not learning_rate (its groups then
+    carry "lr_scale", muon_lr / learning_rate, which set_lr keeps through the schedule). split: the fused q, k, v projection and SwiGLU's fused gate and up projection
+    are orthogonalised as the separate matrices they are (as modded-nanogpt does), not as one."""
+    hidden = [(name, p) for name, p in model.named_parameters()
               if p.requires_grad and p.dim() == 2 and name.startswith("transformer.h.")]
-    ids = {id(p) for p in hidden}
+    swiglu = getattr(getattr(model, "config", None), "mlp", "") == "swiglu"
+
+    def parts(name):
+        if split and name.endswith("attn.c_attn.weight"):
+            return 3
+        return 2 if split and swiglu and name.endswith("mlp.c_fc.weight") else 1
+    scale = muon_lr / learning_rate if muon_lr and learning_rate else 1.0
+    groups = [{"params": [p for name, p in hidden if parts(name) == n], "split": n, "lr_scale": scale,
+               "lr": learning_rate * scale} for n in (1, 2, 3)]
+    ids = {id(p) for _, p in hidden}
     rest = [p for p in model.parameters() if id(p) not in ids]
-    return Optimizers(Muon(hidden, learning_rate, weight_decay),
+    return Optimizers(Muon([g for g in groups if g["params"]], learning_rate, weight_decay),
                       make_optimizer(rest, device_type, learning_rate, weight_decay, betas))
 
 
 def set_lr(optimizer, lr):
+    """Every group's learning rate to lr, times the group's "lr_scale" where it has one (Muon's, with muon_lr)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def optimizer_step(model, optimizer, scaler, grad_clip):

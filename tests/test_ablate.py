@@ -7,7 +7,7 @@ an interrupted grid continues with the cells it lacks.
 import json
 import os
 
-from test_train import TINY, run
+from test_train import TINY, data_dirs, run  # noqa: F401 (data_dirs: a fixture)
 
 
 def test_a_tiny_grid_runs_reports_and_resumes(tmp_path):
@@ -41,3 +41,24 @@ def test_an_empty_or_unknown_grid_is_a_clear_error(tmp_path):
     assert proc.returncode != 0 and "the grid is empty" in proc.stderr and "Traceback" not in proc.stderr
     proc = run("ablate.py", "--cels=[]", check=False)
     assert proc.returncode != 0 and "did you mean cells" in proc.stderr
+
+
+def test_an_iteration_budget_runs_cells_in_parallel_and_only_it_may(data_dirs, tmp_path):
+    grid = tmp_path / "grid.py"
+    base = TINY + [f"--data_dir={data_dirs[0]}", "--eval_interval=3"]
+    grid.write_text(f"name = 'steps'\nout_dir = {str(tmp_path / 'out')!r}\nbase = {base!r}\niters = 6\njobs = 2\n"
+                    "cells = [('a', {}), ('b', {'learning_rate': 3e-3}), ('c', {'lr_schedule': 'wsd'})]\n")
+    run("ablate.py", str(grid))
+    grid_dir = tmp_path / "out" / "steps"
+    results = {r["cell"]: r for r in map(json.loads, open(grid_dir / "results.jsonl"))}
+    assert sorted(results) == ["a", "b", "c"] and all(r["iters"] == 6 for r in results.values())
+    assert all("--max_iters=6" in r["args"] and "--max_time=0" in r["args"] for r in results.values())
+    started_b, finished_a = os.path.getmtime(grid_dir / "b" / "cell.json"), os.path.getmtime(grid_dir / "a" / "log.jsonl")
+    assert started_b < finished_a  # two at a time: b started while a was still training
+    assert "# steps: 6 iterations a cell" in (grid_dir / "results.md").read_text()
+
+    timed = tmp_path / "timed.py"
+    timed.write_text(f"name = 'timed'\nout_dir = {str(tmp_path / 'out')!r}\nbase = {base!r}\nbudget = 0.05\n"
+                     "jobs = 2\ncells = [('a', {})]\n")
+    proc = run("ablate.py", str(timed), check=False)
+    assert proc.returncode != 0 and "only with an iteration budget" in proc.stderr and "Traceback" not in proc.stderr

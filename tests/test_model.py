@@ -15,6 +15,9 @@ GPT2_STYLE = dict()
 LLAMA_STYLE = dict(pos="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False, bias=False)
 WITH_BIAS = dict(bias=True, tie_embeddings=False)
 STYLES = [GPT2_STYLE, LLAMA_STYLE, WITH_BIAS]
+QK_NORM = dict(LLAMA_STYLE, qk_norm=True)
+RELU2 = dict(mlp="relu2")
+ALL_STYLES = STYLES + [QK_NORM, RELU2]  # the C++ step leaves the last two to PyTorch's
 
 
 def tiny(seed=0, **kw):
@@ -24,7 +27,7 @@ def tiny(seed=0, **kw):
     return GPT(GPTConfig(**cfg)).eval()
 
 
-@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("style", ALL_STYLES)
 def test_shapes_and_loss(style):
     model = tiny(**style)
     idx = torch.randint(0, 101, (3, 16))
@@ -68,7 +71,7 @@ def test_bad_config_values():
         model(torch.zeros(1, 17, dtype=torch.long))
 
 
-@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("style", ALL_STYLES)
 def test_future_tokens_do_not_change_past_logits(style):
     model = tiny(**style)
     a = torch.randint(0, 101, (2, 16))
@@ -80,7 +83,7 @@ def test_future_tokens_do_not_change_past_logits(style):
     assert not torch.allclose(la[:, 9:], lb[:, 9:])
 
 
-@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("style", ALL_STYLES)
 def test_kv_cache_equals_full_recompute(style):
     model = tiny(**style)
     idx = torch.randint(0, 101, (3, 5))
@@ -93,6 +96,45 @@ def test_kv_cache_equals_full_recompute(style):
     assert torch.equal(a, b) and a.shape == (3, 35)
     c = model.generate(idx, 30, generator=torch.Generator().manual_seed(4), **kw)
     assert not torch.equal(a, c)
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
+    """Each head's queries and keys are RMS-normalised (then scaled by their gains): scaling the query and key
+    projections changes nothing with qk_norm, and the output without it."""
+    for qk_norm in (True, False):
+        model = tiny(**dict(LLAMA_STYLE, qk_norm=qk_norm))
+        idx = torch.randint(0, 101, (2, 16))
+        before, _ = model(idx)
+        with torch.no_grad():
+            for block in model.transformer.h:
+                block.attn.c_attn.weight[:64].mul_(7.0)  # the q and k rows (n_embd 32 each)
+        after, _ = model(idx)
+        assert torch.allclose(before, after, atol=1e-4) == qk_norm
+    assert model.transformer.h[0].attn.q_norm is None
+    with torch.no_grad():
+        model = tiny(**QK_NORM)
+        idx = torch.randint(0, 101, (2, 16))
+        before, _ = model(idx)
+        model.transformer.h[0].attn.k_norm.mul_(3.0)  # the gains sharpen the attention
+        assert not torch.allclose(before, model(idx)[0], atol=1e-4)
+
+
+def test_relu2_mlp_is_relu_squared():
+    model = tiny(**RELU2)
+    mlp = model.transformer.h[0].mlp
+    x = torch.randn(2, 5, 32)
+    expected = mlp.c_proj(torch.relu(mlp.c_fc(x)) ** 2)
+    torch.testing.assert_close(mlp(x), expected)
+    assert mlp.c_fc.weight.shape == (128, 32)  # 4x wide, ungated
+
+
+def test_zero_output_projections_start_every_block_as_the_identity():
+    model = tiny(**LLAMA_STYLE)
+    model.zero_output_projections_()
+    idx = torch.randint(0, 101, (2, 16))
+    x = model.transformer.wte(idx)
+    expected = model.lm_head(model.transformer.ln_f(x))  # the blocks add nothing
+    torch.testing.assert_close(model(idx)[0], expected)
 
 
 def test_generate_stops_at_eot():

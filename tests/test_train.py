@@ -405,3 +405,66 @@ def test_max_iters_0_resumes_an_older_checkpoint_without_a_recorded_count(data_d
                "--init_from=resume", check=False)
     assert proc.returncode == 0 and "iter 2: train loss" in proc.stdout, proc.stderr
     assert "max_time" not in proc.stdout
+
+
+def test_learning_rate_schedules():
+    from training import get_lr
+    lr = {shape: [get_lr(it, 1.0, 0.1, 10, 110, schedule=shape, cooldown=0.2) for it in range(120)]
+          for shape in ("cosine", "linear", "wsd")}
+    for shape, values in lr.items():
+        assert values[9] == pytest.approx(10 / 11) and values[10] == 1.0, shape  # warmup, then the peak
+        assert values[110] == values[119] == 0.1, shape  # min_lr from decay_iters on
+        assert all(a >= b for a, b in zip(values[10:], values[11:])), shape  # never rises after the peak
+    assert lr["linear"][60] == pytest.approx(0.55) and lr["cosine"][60] == pytest.approx(0.55)
+    assert lr["linear"][35] == pytest.approx(1 - 0.9 / 4) and lr["cosine"][35] > lr["linear"][35]
+    assert lr["wsd"][89] == 1.0 and lr["wsd"][90] == pytest.approx(1.0)  # stable until the last 20% of the 100 decay iterations
+    assert lr["wsd"][100] == pytest.approx(0.55) and lr["wsd"][109] == pytest.approx(1 - 0.9 * 19 / 20)
+    assert get_lr(50, 1.0, 0.1, 10, 110, decay=False) == 1.0
+    with pytest.raises(ValueError, match="lr_schedule='step'"):
+        get_lr(50, 1.0, 0.1, 10, 110, schedule="step")
+
+
+def test_a_bad_schedule_is_refused_before_training(data_dirs, tmp_path):
+    proc = run("train.py", *TINY, f"--data_dir={data_dirs[0]}", f"--out_dir={tmp_path}", "--lr_schedule=wsd",
+               "--cooldown=0", check=False)
+    assert proc.returncode != 0 and "cooldown in (0, 1]" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "last").exists()
+
+
+def test_muon_split_orthogonalises_q_k_v_and_gate_up_apart():
+    """With split, a fused matrix's update is its blocks' updates side by side: the same as Muon on the q, k
+    and v (gate and up) matrices held separately; without it, one orthogonalisation of the whole."""
+    from model import GPT, GPTConfig
+    from training import Muon, make_muon_optimizer
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, block_size=16, pos="rope",
+                          norm="rmsnorm", mlp="swiglu"))
+    attn, fc = model.transformer.h[0].attn.c_attn.weight, model.transformer.h[0].mlp.c_fc.weight
+    muon, _ = make_muon_optimizer(model, "cpu", 1e-2, 0.0, (0.9, 0.95), split=True).optimizers
+    assert {(id(p), g["split"]) for g in muon.param_groups for p in g["params"] if p is attn or p is fc} == {
+        (id(attn), 3), (id(fc), 2)}
+    for fused, parts in ((attn, 3), (fc, 2)):
+        start, grad = fused.detach().clone(), torch.randn_like(fused)
+        pieces = [torch.nn.Parameter(p.clone()) for p in start.chunk(parts)]
+        for piece, g in zip(pieces, grad.chunk(parts)):
+            piece.grad = g.clone()
+        Muon(pieces, 1e-2, 0.0).step()
+        whole = torch.nn.Parameter(start.clone())
+        whole.grad = grad.clone()
+        Muon([whole], 1e-2, 0.0).step()
+        split = torch.nn.Parameter(start.clone())
+        split.grad = grad.clone()
+        Muon([{"params": [split], "split": parts}], 1e-2, 0.0).step()
+        torch.testing.assert_close(split.detach(), torch.cat([p.detach() for p in pieces]))
+        assert not torch.allclose(whole.detach(), split.detach(), atol=1e-4)
+
+
+def test_muon_lr_scales_muons_groups_through_the_schedule():
+    from model import GPT, GPTConfig
+    from training import make_muon_optimizer, set_lr
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, block_size=16))
+    optimizer = make_muon_optimizer(model, "cpu", 1e-3, 0.1, (0.9, 0.95), muon_lr=4e-3)
+    muon, adamw = optimizer.optimizers
+    assert {g["lr"] for g in muon.param_groups} == {4e-3} and {g["lr"] for g in adamw.param_groups} == {1e-3}
+    set_lr(optimizer, 5e-4)  # the schedule's value for learning_rate: Muon keeps its ratio
+    assert {g["lr"] for g in muon.param_groups} == {2e-3} and {g["lr"] for g in adamw.param_groups} == {5e-4}
