@@ -7,9 +7,10 @@ Export a trained model and its tokenizer to Hugging Face transformers.
     model = AutoModelForCausalLM.from_pretrained("hf_model")   # offline, safetensors
     tokenizer = AutoTokenizer.from_pretrained("hf_model")
 
-A GPT-2-style model (pos=learned, norm=layernorm, mlp=gelu) becomes a GPT2LMHeadModel; a Llama-style one
-(pos=rope, norm=rmsnorm, mlp=swiglu) a LlamaForCausalLM. Other combinations have no transformers class and
-are refused, naming the option. A LoRA run of finetune.py is exported with its adapter folded in, and a
+A GPT-2-style model (pos=learned, norm=layernorm, mlp=gelu or relu2) becomes a GPT2LMHeadModel; a Llama-style
+one (pos=rope, norm=rmsnorm, mlp=swiglu) a LlamaForCausalLM, or with qk_norm a Qwen3ForCausalLM (Llama's layout
+with RMSNorm on each head's queries and keys). Other combinations have no transformers class and are refused,
+naming the option. A LoRA run of finetune.py is exported with its adapter folded in, and a
 model with the chat tokens gets the chat template (tokenizer.apply_chat_template) and stops generating at
 <|im_end|>. transformers is needed here (and in the tests), not to train or sample.
 """
@@ -40,17 +41,21 @@ class ExportError(RuntimeError):
 
 
 def architecture(config) -> str:
-    """'gpt2' or 'llama' for the model's options, or an error naming what has no equivalent."""
-    gpt2 = dict(pos="learned", norm="layernorm", mlp="gelu")
+    """'gpt2', 'llama' or 'qwen3' for the model's options, or an error naming what has no equivalent."""
+    gpt2 = dict(pos="learned", norm="layernorm")
     llama = dict(pos="rope", norm="rmsnorm", mlp="swiglu")
-    options = {k: getattr(config, k) for k in gpt2}
-    if options == gpt2:
+    if {k: getattr(config, k) for k in gpt2} == gpt2 and config.mlp in ("gelu", "relu2") and not config.qk_norm:
         return "gpt2"
-    if options == llama:
-        return "llama"
-    mixed = ", ".join(f"{k}={v}" for k, v in options.items())
+    if {k: getattr(config, k) for k in llama} == llama:
+        if not config.qk_norm:
+            return "llama"
+        if not config.bias:
+            return "qwen3"
+        raise ExportError("no transformers model has qk_norm with bias=True: Qwen3's MLP has no biases")
+    mixed = ", ".join(f"{k}={getattr(config, k)}" for k in ("pos", "norm", "mlp", "qk_norm"))
     raise ExportError(f"no transformers model has {mixed}: GPT2LMHeadModel needs pos=learned, norm=layernorm, "
-                      f"mlp=gelu; LlamaForCausalLM needs pos=rope, norm=rmsnorm, mlp=swiglu")
+                      f"mlp=gelu or relu2; LlamaForCausalLM and Qwen3ForCausalLM (qk_norm=True) need pos=rope, "
+                      f"norm=rmsnorm, mlp=swiglu")
 
 
 def gpt2_model(model):
@@ -59,7 +64,8 @@ def gpt2_model(model):
     from transformers import GPT2Config, GPT2LMHeadModel
     c = model.config
     hf_config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer,
-                           n_head=c.n_head, n_inner=c.mlp_hidden, activation_function="gelu_new",
+                           n_head=c.n_head, n_inner=c.mlp_hidden,
+                           activation_function="relu2" if c.mlp == "relu2" else "gelu_new",
                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
                            tie_word_embeddings=c.tie_embeddings, bos_token_id=None, eos_token_id=None)
     hf = GPT2LMHeadModel(hf_config)
@@ -78,16 +84,20 @@ def gpt2_model(model):
 
 
 def llama_model(model):
-    """LlamaForCausalLM with our weights: c_attn splits into q/k/v, c_fc into gate/up (in that order). Our
-    rotary embedding rotates (x[i], x[i + hs/2]) pairs, the layout transformers' Llama uses."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """LlamaForCausalLM (Qwen3ForCausalLM with qk_norm) with our weights: c_attn splits into q/k/v, c_fc into
+    gate/up (in that order). Our rotary embedding rotates (x[i], x[i + hs/2]) pairs, the layout transformers'
+    Llama and Qwen3 use; Qwen3 normalises each head's q and k before rotating them, as we do."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
     c = model.config
-    hf_config = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.mlp_hidden,
-                            num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_head,
-                            max_position_embeddings=c.block_size, rms_norm_eps=1e-5, rope_theta=c.rope_theta,
-                            tie_word_embeddings=c.tie_embeddings, attention_bias=c.bias, mlp_bias=c.bias,
-                            hidden_act="silu", bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    hf = LlamaForCausalLM(hf_config)
+    shared = dict(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.mlp_hidden,
+                  num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_head,
+                  max_position_embeddings=c.block_size, rms_norm_eps=1e-5, rope_theta=c.rope_theta,
+                  tie_word_embeddings=c.tie_embeddings, attention_bias=c.bias, hidden_act="silu",
+                  bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if c.qk_norm:
+        hf = Qwen3ForCausalLM(Qwen3Config(head_dim=c.n_embd // c.n_head, use_sliding_window=False, **shared))
+    else:
+        hf = LlamaForCausalLM(LlamaConfig(mlp_bias=c.bias, **shared))
     ours = model.state_dict()
     theirs = {"model.embed_tokens.weight": ours["transformer.wte.weight"],
               "model.norm.weight": ours["transformer.ln_f.weight"]}
@@ -97,6 +107,9 @@ def llama_model(model):
         p, q = f"transformer.h.{i}.", f"model.layers.{i}."
         theirs[q + "input_layernorm.weight"] = ours[p + "ln_1.weight"]
         theirs[q + "post_attention_layernorm.weight"] = ours[p + "ln_2.weight"]
+        if c.qk_norm:
+            theirs[q + "self_attn.q_norm.weight"] = ours[p + "attn.q_norm"]
+            theirs[q + "self_attn.k_norm.weight"] = ours[p + "attn.k_norm"]
         for kind in (["weight", "bias"] if c.bias else ["weight"]):
             qkv = ours[p + f"attn.c_attn.{kind}"].chunk(3, dim=0)
             for part, proj in zip(qkv, ("q_proj", "k_proj", "v_proj")):

@@ -355,8 +355,6 @@ class GPT(nn.Module):
         if any(type(m) is not nn.Linear for m in linears):
             return None  # wrapped layers (finetune.py's LoRA adapters) compute more than their weight
         c = self.config
-        if c.qk_norm or c.mlp == "relu2":
-            return None  # not in the C++ step (yet): PyTorch's step runs these
 
         def array(t):
             return None if t is None else t.detach().numpy()
@@ -365,6 +363,7 @@ class GPT(nn.Module):
             attn, mlp = block.attn, block.mlp
             return dict(ln_1_weight=array(block.ln_1.weight), ln_1_bias=array(block.ln_1.bias),
                         attn_weight=array(attn.c_attn.weight), attn_bias=array(attn.c_attn.bias),
+                        q_norm=array(attn.q_norm), k_norm=array(attn.k_norm),
                         attn_proj_weight=array(attn.c_proj.weight), attn_proj_bias=array(attn.c_proj.bias),
                         ln_2_weight=array(block.ln_2.weight), ln_2_bias=array(block.ln_2.bias),
                         fc_weight=array(mlp.c_fc.weight), fc_bias=array(mlp.c_fc.bias),
@@ -373,7 +372,8 @@ class GPT(nn.Module):
 
         config = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, hidden=c.mlp_hidden,
                       vocab_size=c.vocab_size, block_size=c.block_size, batch_size=1,
-                      rmsnorm=c.norm == "rmsnorm", swiglu=c.mlp == "swiglu", rope=c.pos == "rope", eps=1e-5)
+                      rmsnorm=c.norm == "rmsnorm", swiglu=c.mlp == "swiglu", rope=c.pos == "rope", eps=1e-5,
+                      relu2=c.mlp == "relu2", qk_norm=c.qk_norm)
         weights = dict(wte=array(self.transformer.wte.weight), lm_head=array(self.lm_head.weight),
                        ln_f_weight=array(self.transformer.ln_f.weight), ln_f_bias=array(self.transformer.ln_f.bias))
         if c.pos == "rope":

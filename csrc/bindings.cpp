@@ -112,7 +112,10 @@ class PyDecoder {
         auto get = [&](const char* key) { return config[key].cast<int>(); };
         c_ = DecoderConfig{get("n_layer"), get("n_head"), get("n_embd"), get("hidden"), get("vocab_size"),
                            get("block_size"), get("batch_size"), config["rmsnorm"].cast<bool>(),
-                           config["swiglu"].cast<bool>(), config["rope"].cast<bool>(), config["eps"].cast<float>()};
+                           config["swiglu"].cast<bool>(), config["rope"].cast<bool>(), config["eps"].cast<float>(),
+                           config.contains("relu2") && config["relu2"].cast<bool>(),
+                           config.contains("qk_norm") && config["qk_norm"].cast<bool>()};
+        if (c_.swiglu && c_.relu2) throw std::invalid_argument("the MLP is swiglu or relu2, not both");
         if (c_.n_layer < 0 || c_.n_head < 1 || c_.n_embd < 1 || c_.n_embd % c_.n_head || c_.hidden < 1 ||
             c_.vocab_size < 1 || c_.block_size < 1 || c_.batch_size < 1)
             throw std::invalid_argument("the decoder's config has a size that is not positive, or n_embd is not a "
@@ -136,6 +139,8 @@ class PyDecoder {
             L.ln_1_bias = input(d, "ln_1_bias", {C}, true);
             L.attn_weight = input(d, "attn_weight", {3 * C, C});
             L.attn_bias = input(d, "attn_bias", {3 * C}, true);
+            L.q_norm = c_.qk_norm ? input(d, "q_norm", {hs}) : nullptr;
+            L.k_norm = c_.qk_norm ? input(d, "k_norm", {hs}) : nullptr;
             L.attn_proj_weight = input(d, "attn_proj_weight", {C, C});
             L.attn_proj_bias = input(d, "attn_proj_bias", {C}, true);
             L.ln_2_weight = input(d, "ln_2_weight", {C});

@@ -404,6 +404,14 @@ void norm(const DecoderConfig& c, const float* x, const float* weight, const flo
     }
 }
 
+// v (n,) to v / rms(v) * weight, in place: RMSNorm of one head's query or key.
+void rms_normalize(float* v, const float* weight, int n, float eps) {
+    float sum_sq = 0.0f;
+    for (int i = 0; i < n; ++i) sum_sq += v[i] * v[i];
+    const float inv = 1.0f / std::sqrt(sum_sq / n + eps);
+    for (int i = 0; i < n; ++i) v[i] = v[i] * inv * weight[i];
+}
+
 // Rotate the pairs (v[i], v[i + hs/2]) by the angles of one position: Hugging Face Llama's half-split layout.
 void rotate(float* v, const float* cos, const float* sin, int half) {
     for (int i = 0; i < half; ++i) {
@@ -470,6 +478,10 @@ void decode_step(const DecoderConfig& c, const DecoderWeights& w, const int64_t*
                 const int b = task / c.n_head, h = task % c.n_head;
                 float* q = qkv.data() + size_t(b) * 3 * C + h * hs;  // this task's slice only
                 float* k = q + C;
+                if (c.qk_norm) {
+                    rms_normalize(q, L.q_norm, hs, c.eps);
+                    rms_normalize(k, L.k_norm, hs, c.eps);
+                }
                 if (c.rope) {
                     const float* cos = w.rope_cos + size_t(pos) * (hs / 2);
                     const float* sin = w.rope_sin + size_t(pos) * (hs / 2);
@@ -492,7 +504,9 @@ void decode_step(const DecoderConfig& c, const DecoderWeights& w, const int64_t*
             for (int b = 0; b < B; ++b) {
                 const float* h = fc_out.data() + size_t(b) * fc_rows;
                 float* a = act.data() + size_t(b) * H;
-                for (int i = 0; i < H; ++i) a[i] = c.swiglu ? silu(h[i]) * h[H + i] : gelu_tanh(h[i]);
+                if (c.swiglu) for (int i = 0; i < H; ++i) a[i] = silu(h[i]) * h[H + i];
+                else if (c.relu2) for (int i = 0; i < H; ++i) a[i] = h[i] > 0.0f ? h[i] * h[i] : 0.0f;
+                else for (int i = 0; i < H; ++i) a[i] = gelu_tanh(h[i]);
             }
             kernels.matvec_rows(L.mlp_proj_weight, L.mlp_proj_bias, act.data(), mlp_out.data(), B, H, C, p0, p1);
             barrier.wait();

@@ -13,15 +13,18 @@ namespace nanoslm {
 struct DecoderConfig {
     int n_layer, n_head, n_embd, hidden, vocab_size, block_size, batch_size;
     bool rmsnorm;  // RMSNorm, else LayerNorm
-    bool swiglu;   // SwiGLU MLP (c_fc gives the gate rows then the up rows), else GELU (tanh)
+    bool swiglu;   // SwiGLU MLP (c_fc gives the gate rows then the up rows), else GELU (tanh) or ReLU^2
     bool rope;     // rotary positions, else a learned position table
     float eps;
+    bool relu2;    // without swiglu: relu(x)^2 instead of GELU
+    bool qk_norm;  // RMSNorm of each head's q and k (gains q_norm, k_norm), before the rotation
 };
 
 // Pointers into the model's own tensors (row-major, as PyTorch holds them); a null bias means none.
 struct DecoderLayer {
     const float *ln_1_weight, *ln_1_bias;
     const float *attn_weight, *attn_bias;            // (3C, C): q, k, v
+    const float *q_norm, *k_norm;                    // (head_size,) each, or null without qk_norm
     const float *attn_proj_weight, *attn_proj_bias;  // (C, C)
     const float *ln_2_weight, *ln_2_bias;
     const float *fc_weight, *fc_bias;                // (H, C), or (2H, C) for SwiGLU

@@ -21,6 +21,9 @@ LAYOUTS = {
     "gpt2-bias-untied": dict(bias=True, tie_embeddings=False),
     "llama": dict(pos="rope", norm="rmsnorm", mlp="swiglu"),
     "llama-bias-untied": dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=True, tie_embeddings=False),
+    "qwen3": dict(pos="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True),
+    "qwen3-untied": dict(pos="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, tie_embeddings=False),
+    "gpt2-relu2": dict(mlp="relu2"),
 }
 
 
@@ -48,7 +51,8 @@ def test_exported_model_matches(layout, gpt2_tok, tmp_path):
     model = random_model(gpt2_tok.n_vocab, **LAYOUTS[layout])
     export_hf(model, gpt2_tok, str(tmp_path / "hf"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
-    assert type(hf).__name__ == ("GPT2LMHeadModel" if layout.startswith("gpt2") else "LlamaForCausalLM")
+    expected = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+    assert type(hf).__name__ == expected[layout.split("-")[0]]
     idx = torch.randint(0, gpt2_tok.n_vocab, (2, 64))
     with torch.no_grad():
         ours, _ = model(idx)
@@ -120,6 +124,13 @@ def test_layouts_without_an_equivalent_are_refused():
         architecture(GPTConfig(norm="rmsnorm"))
     with pytest.raises(ExportError, match="mlp=swiglu"):
         architecture(GPTConfig(mlp="swiglu"))
+    with pytest.raises(ExportError, match="mlp=relu2, qk_norm=False"):
+        architecture(GPTConfig(pos="rope", norm="rmsnorm", mlp="relu2"))  # Llama's MLP is gated
+    with pytest.raises(ExportError, match="qk_norm=True"):
+        architecture(GPTConfig(qk_norm=True))  # GPT-2 has no qk_norm
+    with pytest.raises(ExportError, match="Qwen3's MLP has no biases"):
+        architecture(GPTConfig(pos="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=True))
+    assert architecture(GPTConfig(pos="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True)) == "qwen3"
 
 
 def test_export_command_line(tmp_path):
