@@ -142,7 +142,8 @@ def tinystories_settings():
 def bench_train(device, dtype, smoke):
     s = tinystories_settings()
     dims = dict(n_layer=s["n_layer"], n_head=s["n_head"], n_embd=s["n_embd"], block_size=s["block_size"],
-                vocab_size=50257, dropout=s["dropout"])
+                vocab_size=50257, dropout=s["dropout"], pos=s.get("pos", "learned"), norm=s.get("norm", "layernorm"),
+                mlp=s.get("mlp", "gelu"))
     B, compile_model = s["batch_size"], s["compile"]
     if smoke:
         dims.update(n_layer=1, n_head=2, n_embd=64, block_size=32, vocab_size=101)

@@ -2,6 +2,9 @@
 # (10.6M without embeddings), bf16, torch.compile.
 #   python prepare.py && python train.py config/tinystories.py
 #   torchrun --standalone --nproc_per_node=4 train.py config/tinystories.py   # same global batch
+# The recipe takes what won on the CPU (docs/ablate.md) and is known to hold at GPU scale (modded-nanogpt,
+# nanochat): Llama-style blocks, Muon for the blocks' matrices with q, k, v orthogonalised apart, and a
+# warmup-stable-decay schedule. Not yet measured on a GPU (no GPU was available to this project).
 out_dir = "out/tinystories"
 data_dir = "data/tinystories"
 init_from = "auto"
@@ -13,9 +16,16 @@ n_layer = 6
 n_head = 6
 n_embd = 384
 dropout = 0.0
+pos = "rope"
+norm = "rmsnorm"
+mlp = "swiglu"
 
+optim = "muon"
+muon_split = True
 learning_rate = 1e-3
-min_lr = 1e-4
+min_lr = 0.0
+lr_schedule = "wsd"
+cooldown = 0.4
 max_iters = 10000
 warmup_iters = 300
 weight_decay = 0.1
