@@ -1,6 +1,7 @@
-# The two set-up-complete entry points (see README):
+# The set-up-complete entry points (see README):
 #   make quickstart   # venv + locked dependencies + native build, then the pipeline on the bundled corpus
 #   make test         # venv + locked dependencies + native build, then the test suite (what CI runs)
+#   make notebook     # the same, plus JupyterLab, opened on notebooks/walkthrough.ipynb
 # and the one way versions move forward, on purpose:
 #   make lock         # resolve requirements*.txt afresh in a scratch venv -> requirements.lock; then make test
 PYTHON ?= python3
@@ -9,6 +10,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 DEV_INSTALLED := $(VENV)/.dev-installed
 BUILT := $(VENV)/.built
+NOTEBOOK_INSTALLED := $(VENV)/.notebook-installed
 # requirements.txt and requirements-dev.txt name the direct dependencies with ranges; requirements.lock
 # pins every package they pull in (transitive ones included) to the versions the tests passed with.
 # torch is left out of the lock: it is TORCH_CPU below, or the CUDA build a GPU machine already has.
@@ -17,7 +19,7 @@ PIP_LOCKED := $(PY) -m pip install -q -c $(LOCK)
 # The CPU build of torch; override with your platform's CPU wheel if needed.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: quickstart test build lock
+.PHONY: quickstart test build lock notebook
 
 quickstart: $(BUILT)
 	$(PY) prepare.py --dataset=bundled --vocab_size=4096
@@ -28,6 +30,11 @@ test: $(BUILT) $(DEV_INSTALLED)
 	$(PY) -m pytest -q tests
 
 build: $(BUILT)
+
+# The walkthrough in JupyterLab, with the project's venv as its kernel (the notebook itself needs only what
+# make test installs; JupyterLab and its own dependencies are pinned in notebooks/requirements-notebook.txt).
+notebook: $(BUILT) $(DEV_INSTALLED) $(NOTEBOOK_INSTALLED)
+	$(VENV)/bin/jupyter lab notebooks/walkthrough.ipynb
 
 # Without a CUDA GPU, take the CPU build of torch (from local disk here) instead of a multi-GB CUDA one.
 $(INSTALLED): requirements.txt $(LOCK)
@@ -40,6 +47,10 @@ $(INSTALLED): requirements.txt $(LOCK)
 # Tests and benchmarks also need pytest and the peers they compare against.
 $(DEV_INSTALLED): $(INSTALLED) requirements-dev.txt $(LOCK)
 	$(PIP_LOCKED) -r requirements-dev.txt
+	touch $@
+
+$(NOTEBOOK_INSTALLED): $(DEV_INSTALLED) notebooks/requirements-notebook.txt $(LOCK)
+	$(PIP_LOCKED) -r notebooks/requirements-notebook.txt
 	touch $@
 
 $(BUILT): $(INSTALLED) setup.py $(wildcard csrc/*.cpp csrc/*.h)

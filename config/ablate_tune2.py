@@ -11,5 +11,4 @@ cells = [
     ("muon_lr_1e-2", {"muon_lr": 1e-2}),
     ("qk_norm", {"qk_norm": True}),
     ("relu2", {"mlp": "relu2"}),
-    ("muon_lr_1e-2_qk_norm", {"muon_lr": 1e-2, "qk_norm": True}),
 ]
