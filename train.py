@@ -270,7 +270,11 @@ def main():
             total_iters = int(agreed.item())
         if master:
             print(f"max_time {max_time:g} min: {total_iters} iterations ({1000 * step_s:.0f} ms a step, "
-                  f"{eval_s:.1f} s an evaluation with its checkpoints)")
+                  f"{eval_s:.1f} s an evaluation with its checkpoints; max_iters is not used: --max_time=0 "
+                  "trains for max_iters instead)")
+            if total_iters < 20:
+                print(f"warning: only {total_iters} iterations fit in {max_time:g} minutes on this machine: give "
+                      "more time, or a fixed count with --max_time=0 --max_iters=N")
 
     # the training loop
     model.train()

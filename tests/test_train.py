@@ -306,7 +306,7 @@ def test_max_time_fixes_the_schedule_from_timing_and_a_resumed_run_keeps_it(data
     timed, counted = tmp_path / "timed", tmp_path / "counted"
     proc = run("train.py", *common, f"--out_dir={timed}", "--max_time=0.1")
     n = torch.load(timed / "last" / "state.pt", weights_only=True)["max_iters"]
-    assert f"max_time 0.1 min: {n} iterations" in proc.stdout and n > 10
+    assert f"max_time 0.1 min: {n} iterations" in proc.stdout and n > 10 and "max_iters is not used" in proc.stdout
     steps = [r for r in log_records(str(timed)) if "loss" in r]
     assert steps[-1]["iter"] == n and steps[-1]["lr"] < 1e-4 + 1e-3 * 1e-2  # decayed to min_lr
     run("train.py", *common, f"--out_dir={counted}", f"--max_iters={n}")
