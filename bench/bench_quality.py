@@ -15,7 +15,7 @@ The recipes (each one train.py run with --max_time=minutes, so its learning rate
             bench/bench_train.py checks gives nanoGPT's loss on the same weights; it runs in our train.py,
             whose fused AdamW makes its steps faster than in nanoGPT's own loop, never slower.
   previous  config/quickstart_gpt2.py, the quickstart recipe before the ablations of docs/ablate.md.
-  default   config/quickstart.py, today's recipe.
+  default   config/cpu_10min.py: today's recipe, config/quickstart.py's, as configured for 10 minutes.
 
 Scores: the curve is train.py's own evaluation (eval_iters fixed batches of the val split); the final score
 is the whole val split read once in windows of the model's context, every token scored once -- the same
@@ -47,7 +47,7 @@ NANOGPT = ["--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "-
 RECIPES = {  # name: (train.py arguments, the vocabulary its data is tokenized with; 0: GPT-2's)
     "nanogpt": (NANOGPT, 0),
     "previous": (["config/quickstart_gpt2.py"], 4096),
-    "default": (["config/quickstart.py"], 4096),
+    "default": (["config/cpu_10min.py"], 4096),
 }
 PROMPT = "Once upon a time"
 
