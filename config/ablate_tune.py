@@ -1,4 +1,4 @@
-# Tuning the quickstart recipe: 1,200 optimizer steps a cell (what config/quickstart.py takes in its 4.5 minutes
+# Tuning the quickstart recipe: 1,200 optimizer steps a cell (what config/quickstart.py took in 4.5 minutes
 # on 2 cores), so cells that do not change the time a step takes compare exactly, and run two at a time.
 #   python ablate.py config/ablate_tune.py
 name = "tune"

@@ -1,6 +1,6 @@
 # The CPU quickstart: a 1.4M-parameter Llama-style GPT (rotary positions, RMSNorm, SwiGLU, QK-norm) trained with
 # Muon on the bundled TinyStories sample with a 4,096-token BPE vocabulary trained on it (prepare.py
-# --vocab_size=4096), for 4.5 minutes of wall-clock on whatever CPU runs it (max_time: the iteration count is
+# --vocab_size=4096), for 5 minutes of wall-clock on whatever CPU runs it (max_time: the iteration count is
 # fixed from the first steps' pace, so a slower machine takes fewer steps, not more minutes).
 #   python prepare.py --dataset=bundled --vocab_size=4096
 #   python train.py config/quickstart.py
@@ -29,11 +29,11 @@ qk_norm = True
 optim = "muon"  # Muon for the blocks' matrices (float32 on the CPU), AdamW for embeddings and gains
 muon_split = True  # q, k, v (and SwiGLU's gate, up) orthogonalised as the separate matrices they are
 learning_rate = 3e-3
-weight_decay = 0.3  # the 0.79M training tokens are seen 3 times in 4.5 minutes
+weight_decay = 0.3  # the 0.79M training tokens are seen 3 times in 5 minutes
 lr_schedule = "wsd"  # 3e-3 until the last 40% of the run, then linearly to 0
 cooldown = 0.4
 min_lr = 0.0
-max_time = 4.5  # minutes; max_iters is then fixed from the first steps' timing
+max_time = 5.0  # minutes; max_iters is then fixed from the first steps' timing
 warmup_iters = 50
 eval_interval = 200
 eval_iters = 10
