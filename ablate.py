@@ -120,7 +120,7 @@ def run_cell(cell, settings, grid_dir, threads):
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args, *extra], stdout=out,
                               stderr=subprocess.STDOUT)
     if proc.returncode:
-        tqdm.write(f"{cell}: train.py failed (exit {proc.returncode}); see {run_dir}/train.out")
+        tqdm.write(f"{cell}: train.py stopped or failed (exit {proc.returncode}); see {run_dir}/train.out")
         return None
     return cell_result(cell, settings, run_dir, args, time.time() - started)
 

@@ -383,7 +383,7 @@ def main():
             save_checkpoint(out_dir, "last", model, optimizer, checkpoint_info(),
                             adapter_tensors(model, n_base) if mode == "lora" else None)
             print(f"stopped at iteration {iter_num}; saved {out_dir}/last. Continue with --init_from=resume")
-            return
+            return 128 + stop_signal[0]  # saved, not finished: the exit status says so (130 for Ctrl-C)
     release_stop_signals()
     if not eval_only:
         evaluate_and_save()
@@ -394,6 +394,6 @@ def main():
 if __name__ == "__main__":
     try:
         globals().update(configure(settings_of(globals()), sys.argv[1:], __file__))
-        main()
+        sys.exit(main())
     except (ValueError, OSError, TrainError) as e:  # ValueError: ConfigError, DataError, CheckpointError
         sys.exit(f"error: {e}")

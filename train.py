@@ -13,6 +13,7 @@ out_dir receives: last/ and best/ checkpoints (model.safetensors, state.pt, conf
 loss.png, and a copy of the tokenizer when it is not GPT-2's. Ctrl-C saves last/ before exiting.
 """
 import os
+import signal
 import sys
 import time
 
@@ -229,6 +230,7 @@ def main():
         plot_loss_curve(out_dir)
 
     stop_signal = catch_stop_signals()
+    stopped = False  # by a signal, before the end: the exit status then says so (130 for Ctrl-C)
     if eval_only:
         evaluate_and_save()
         return
@@ -307,6 +309,7 @@ def main():
             if master:
                 save_checkpoint(out_dir, "last", raw_model, optimizer, checkpoint_info(rng_ranks))
                 print(f"stopped at iteration {iter_num}; saved {out_dir}/last. Continue with --init_from=resume")
+            stopped = True
             break
     else:
         release_stop_signals()
@@ -317,11 +320,14 @@ def main():
         # active exception"). Waiting in a barrier releases the GIL and gives the workers that moment.
         dist.barrier()
         dist.destroy_process_group()
+    if stopped:  # saved, but not finished: not a success for whoever runs it (ablate.py, a shell script)
+        return 128 + (stop_signal[0] if stop_signal else signal.SIGINT)
+    return 0
 
 
 if __name__ == "__main__":
     try:
         globals().update(configure(settings_of(globals()), sys.argv[1:], __file__))
-        main()
+        sys.exit(main())
     except (ValueError, OSError, TrainError) as e:  # ValueError: ConfigError, DataError, CheckpointError
         sys.exit(f"error: {e}")

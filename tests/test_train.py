@@ -41,6 +41,7 @@ def interrupt_after_steps(script, args, out_dir, steps):
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert "stopped at iteration" in stdout, stdout + stderr
+    assert proc.returncode == 128 + signal.SIGINT  # saved, but not finished: not a success
 
 
 def stories(first, count):
