@@ -343,7 +343,7 @@ class GPT(nn.Module):
         call, without eager PyTorch's per-operation overhead, over this model's weights and these caches.
         Returns step(tokens (B,), pos) -> logits (B, V), a buffer reused by the next call; or None where it
         does not apply: it needs the built extension, an fp32 model of plain layers on the CPU in eval mode,
-        and one sequence. isa: the vector kernels' instruction set, one of _nanoslm.decode_instruction_sets();
+        and one sequence. A model quantised by quantize.py is decoded from its int8 weights. isa: the vector kernels' instruction set, one of _nanoslm.decode_instruction_sets();
         empty for the widest this CPU runs (tests try the others)."""
         if _nanoslm is None or self.training or not caches or caches[0].k.size(0) != 1:
             return None  # (beyond one sequence, PyTorch's matrix-matrix products are as fast: measured)
@@ -359,22 +359,29 @@ class GPT(nn.Module):
         def array(t):
             return None if t is None else t.detach().numpy()
 
+        def matrix(name, module):  # its fp32 weight, and its int8 values and scales where quantize.py made them
+            found = {name: array(module.weight)}
+            if getattr(module, "weight_int8", None) is not None:
+                found.update({name + "_q": array(module.weight_int8), name + "_scales": array(module.weight_scales)})
+            return found
+
         def layer(block, cache):
             attn, mlp = block.attn, block.mlp
             return dict(ln_1_weight=array(block.ln_1.weight), ln_1_bias=array(block.ln_1.bias),
-                        attn_weight=array(attn.c_attn.weight), attn_bias=array(attn.c_attn.bias),
+                        **matrix("attn_weight", attn.c_attn), attn_bias=array(attn.c_attn.bias),
                         q_norm=array(attn.q_norm), k_norm=array(attn.k_norm),
-                        attn_proj_weight=array(attn.c_proj.weight), attn_proj_bias=array(attn.c_proj.bias),
+                        **matrix("attn_proj_weight", attn.c_proj), attn_proj_bias=array(attn.c_proj.bias),
                         ln_2_weight=array(block.ln_2.weight), ln_2_bias=array(block.ln_2.bias),
-                        fc_weight=array(mlp.c_fc.weight), fc_bias=array(mlp.c_fc.bias),
-                        mlp_proj_weight=array(mlp.c_proj.weight), mlp_proj_bias=array(mlp.c_proj.bias),
+                        **matrix("fc_weight", mlp.c_fc), fc_bias=array(mlp.c_fc.bias),
+                        **matrix("mlp_proj_weight", mlp.c_proj), mlp_proj_bias=array(mlp.c_proj.bias),
                         k_cache=array(cache.k), v_cache=array(cache.v))
 
         config = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, hidden=c.mlp_hidden,
                       vocab_size=c.vocab_size, block_size=c.block_size, batch_size=1,
                       rmsnorm=c.norm == "rmsnorm", swiglu=c.mlp == "swiglu", rope=c.pos == "rope", eps=1e-5,
-                      relu2=c.mlp == "relu2", qk_norm=c.qk_norm)
-        weights = dict(wte=array(self.transformer.wte.weight), lm_head=array(self.lm_head.weight),
+                      relu2=c.mlp == "relu2", qk_norm=c.qk_norm,
+                      group=getattr(self, "int8_group", 0))  # int8 weights (quantize.py): their group size
+        weights = dict(**matrix("wte", self.transformer.wte), **matrix("lm_head", self.lm_head),
                        ln_f_weight=array(self.transformer.ln_f.weight), ln_f_bias=array(self.transformer.ln_f.bias))
         if c.pos == "rope":
             weights.update(rope_cos=array(self.rope_cos), rope_sin=array(self.rope_sin))

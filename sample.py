@@ -6,6 +6,7 @@ Generate text from a trained model, streaming it as it comes; or show the next-t
     python sample.py --start="Your effort will take you" --show_probs
     python sample.py --out_dir=out/chat --chat --start="Write a story that uses the words: dog, ball, happy."
     python sample.py --out_dir=out/quickstart --adapter=out/chat --chat       # base + LoRA adapter, interactive
+    python sample.py --quantize=int8          # int8 weights in the CPU decoding step: less to read a token
 
 Settings are the globals below (configurator.py: config files or --key=value). The text goes to stdout,
 the speed of each sample to stderr, so `python sample.py > story.txt` keeps only the story.
@@ -22,6 +23,7 @@ from checkpoint import load_run
 from configurator import ConfigError, configure, settings_of
 from files import DataError
 from lora import merge_lora
+from quantize import quantize_model_
 from system import pick_device
 
 # --- settings -------------------------------------------------------------------------------------------
@@ -42,6 +44,7 @@ use_cache = True  # the KV cache; False recomputes the whole context each step (
 chat = False  # a finetune.py model: start is a user message in the chat template; no start: chat on stdin
 system = ""  # with chat: a system message that opens the conversation
 adapter = ""  # a finetune.py LoRA run (or checkpoint directory) to apply to out_dir's model
+quantize = ""  # "int8": the weights as int8, a scale per 32 inputs (quantize.py), for the CPU decoding step
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -67,6 +70,8 @@ def check_sampling_settings(vocab_size):
         raise ConfigError(f"show_top={show_top} must be in [1, {vocab_size}] (the vocabulary)")
     if chat and show_probs and not start:
         raise ConfigError("--chat --show_probs needs --start: the user message to show the reply's first token for")
+    if quantize not in ("", "int8"):
+        raise ConfigError(f"quantize={quantize!r}: the choices are int8, or '' for the model's own fp32 weights")
 
 
 def prompt_ids(tok, text):
@@ -170,6 +175,11 @@ def main():
     model, tok, _ = load_run(out_dir, checkpoint, dev, adapter=adapter)
     merge_lora(model)  # a LoRA fine-tune's adapters folded in: the C++ decoding step then applies to it too
     check_sampling_settings(model.config.vocab_size)
+    if quantize == "int8":
+        if dev != "cpu":
+            raise ConfigError(f"--quantize=int8 is for the CPU decoding step, and this model runs on {dev}: "
+                              "add --device=cpu")
+        quantize_model_(model)  # the C++ step reads int8; everything else the dequantised fp32 weights
     model.pack_weights_()  # faster decoding on the CPU: the weights in one huge-page block
     prompt = read_prompt(start)
     opening = [{"role": "system", "content": system}] if system else []

@@ -27,7 +27,7 @@ setup(
             "_nanoslm",
             sorted(["csrc/bindings.cpp", "csrc/pretokenize.cpp", "csrc/encoder.cpp", "csrc/trainer.cpp",
                     "csrc/batch.cpp", "csrc/decode.cpp"]),
-            depends=["csrc/bpe.h", "csrc/decode.h", "csrc/unicode_table.h"],
+            depends=["csrc/bpe.h", "csrc/decode.h", "csrc/decode_int8.h", "csrc/unicode_table.h"],
             extra_compile_args=compile_args,
             extra_link_args=link_args,
             cxx_std=17,

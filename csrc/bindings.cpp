@@ -114,7 +114,11 @@ class PyDecoder {
                            get("block_size"), get("batch_size"), config["rmsnorm"].cast<bool>(),
                            config["swiglu"].cast<bool>(), config["rope"].cast<bool>(), config["eps"].cast<float>(),
                            config.contains("relu2") && config["relu2"].cast<bool>(),
-                           config.contains("qk_norm") && config["qk_norm"].cast<bool>()};
+                           config.contains("qk_norm") && config["qk_norm"].cast<bool>(),
+                           config.contains("group") ? config["group"].cast<int>() : 0};
+        if (c_.group != 0 && c_.group != 32 && c_.group != 64)
+            throw std::invalid_argument("group must be 0 (fp32 weights), 32 or 64 (int8 weights), not " +
+                                        std::to_string(c_.group));
         if (c_.swiglu && c_.relu2) throw std::invalid_argument("the MLP is swiglu or relu2, not both");
         if (c_.n_layer < 0 || c_.n_head < 1 || c_.n_embd < 1 || c_.n_embd % c_.n_head || c_.hidden < 1 ||
             c_.vocab_size < 1 || c_.block_size < 1 || c_.batch_size < 1)
@@ -124,30 +128,30 @@ class PyDecoder {
             throw std::invalid_argument("rotary positions need an even head size");
         const int C = c_.n_embd, V = c_.vocab_size, H = c_.hidden, T = c_.block_size, hs = C / c_.n_head;
         if (c_.n_layer != int(layers.size())) throw std::invalid_argument("n_layer does not match the layers given");
-        w_.wte = input(weights, "wte", {V, C});
+        w_.wte = matrix(weights, "wte", V, C);
         w_.wpe = c_.rope ? nullptr : input(weights, "wpe", {T, C});
         w_.rope_cos = c_.rope ? input(weights, "rope_cos", {T, hs / 2}) : nullptr;
         w_.rope_sin = c_.rope ? input(weights, "rope_sin", {T, hs / 2}) : nullptr;
         w_.ln_f_weight = input(weights, "ln_f_weight", {C});
         w_.ln_f_bias = input(weights, "ln_f_bias", {C}, true);
-        w_.lm_head = input(weights, "lm_head", {V, C});
+        w_.lm_head = matrix(weights, "lm_head", V, C);
         const int fc_rows = c_.swiglu ? 2 * H : H;
         for (py::handle layer : layers) {
             py::dict d = layer.cast<py::dict>();
             DecoderLayer L;
             L.ln_1_weight = input(d, "ln_1_weight", {C});
             L.ln_1_bias = input(d, "ln_1_bias", {C}, true);
-            L.attn_weight = input(d, "attn_weight", {3 * C, C});
+            L.attn_weight = matrix(d, "attn_weight", 3 * C, C);
             L.attn_bias = input(d, "attn_bias", {3 * C}, true);
             L.q_norm = c_.qk_norm ? input(d, "q_norm", {hs}) : nullptr;
             L.k_norm = c_.qk_norm ? input(d, "k_norm", {hs}) : nullptr;
-            L.attn_proj_weight = input(d, "attn_proj_weight", {C, C});
+            L.attn_proj_weight = matrix(d, "attn_proj_weight", C, C);
             L.attn_proj_bias = input(d, "attn_proj_bias", {C}, true);
             L.ln_2_weight = input(d, "ln_2_weight", {C});
             L.ln_2_bias = input(d, "ln_2_bias", {C}, true);
-            L.fc_weight = input(d, "fc_weight", {fc_rows, C});
+            L.fc_weight = matrix(d, "fc_weight", fc_rows, C);
             L.fc_bias = input(d, "fc_bias", {fc_rows}, true);
-            L.mlp_proj_weight = input(d, "mlp_proj_weight", {C, H});
+            L.mlp_proj_weight = matrix(d, "mlp_proj_weight", C, H);
             L.mlp_proj_bias = input(d, "mlp_proj_bias", {C}, true);
             L.k_cache = const_cast<float*>(input(d, "k_cache", {c_.batch_size, c_.n_head, T, hs}, false, true));
             L.v_cache = const_cast<float*>(input(d, "v_cache", {c_.batch_size, c_.n_head, T, hs}, false, true));
@@ -185,6 +189,26 @@ class PyDecoder {
         py::array a = d[key].cast<py::array>();
         keep_.push_back(a);
         return check(a, key, std::move(shape), writable);
+    }
+
+    // A weight matrix (n_out, n_in): key itself (fp32), or with int8 weights key_q (int8, that shape) and
+    // key_scales (float32, (n_out, ceil(n_in / group))).
+    Matrix matrix(const py::dict& d, const std::string& key, int n_out, int n_in) {
+        Matrix m;
+        if (!c_.group) {
+            m.w = input(d, key.c_str(), {n_out, n_in});
+            return m;
+        }
+        const std::string q = key + "_q", scales = key + "_scales";
+        if (!d.contains(q.c_str()) || d[q.c_str()].is_none()) throw std::invalid_argument("missing " + q);
+        py::array a = d[q.c_str()].cast<py::array>();
+        if (!a.dtype().is(py::dtype::of<int8_t>()) || !(a.flags() & py::array::c_style) || a.ndim() != 2 ||
+            a.shape(0) != n_out || a.shape(1) != n_in)
+            throw std::invalid_argument(q + " must be a C-contiguous int8 array of the model's shape");
+        keep_.push_back(a);
+        m.q = static_cast<const int8_t*>(a.data());
+        m.scales = input(d, scales.c_str(), {n_out, (n_in + c_.group - 1) / c_.group});
+        return m;
     }
 
     DecoderConfig c_;

@@ -332,13 +332,77 @@ NSLM_INLINE void attend(int hs, float* q, const float* k, const float* v, float*
     }
 }
 
+// The int8 kernels (decode_int8.h), once for each instruction set, each with its own conversion of L int8
+// weights to L floats. GCC 12 lowers the vector extensions' int8 -> float conversion to one scalar
+// conversion a lane (measured: 8 movsbl + 8 vpinsrd for 8 weights), so the x86 builds use the one instruction
+// (vpmovsxbd, then vcvtdq2ps) through intrinsics; those need their target, hence the #pragma regions, which
+// compile everything in them for it. (Clang lowers the plain conversion well and takes it everywhere.)
+namespace int8_baseline {
+template <int L>
+NSLM_INLINE vec<L> load_int8(const int8_t* p) {
+    float lanes[L];
+    for (int j = 0; j < L; ++j) lanes[j] = float(p[j]);
+    return load<L>(lanes);
+}
+#include "decode_int8.h"
+}  // namespace int8_baseline
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(NSLM_PORTABLE_VECTORS)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+namespace int8_avx2 {
+template <int L>
+NSLM_INLINE vec<L> load_int8(const int8_t* p) {
+    static_assert(L == 8, "AVX2: 8 floats a register");
+    __m128i bytes;
+    std::memcpy(&bytes, p, 8);  // the low 8 bytes of an xmm register (vmovq), no read past p + 8
+    return reinterpret_cast<vec<8>>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)));
+}
+#include "decode_int8.h"
+}  // namespace int8_avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx512f,fma"))), apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,fma")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on its own avx512fintrin.h (_mm512_undefined)
+#endif
+namespace int8_avx512 {
+template <int L>
+NSLM_INLINE vec<L> load_int8(const int8_t* p) {
+    static_assert(L == 16, "AVX-512: 16 floats a register");
+    return reinterpret_cast<vec<16>>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+        reinterpret_cast<const __m128i*>(p)))));
+}
+#include "decode_int8.h"
+}  // namespace int8_avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
+#endif
+
 // The vector kernels, each compiled for one instruction set; decode_step uses the widest the CPU runs.
 #define NSLM_MATVEC_ARGS const float *W, const float *bias, const float *X, float *Y, int B, int n_in, int n_out, \
                          int r0, int r1
 #define NSLM_ATTEND_ARGS int hs, float *q, const float *k, const float *v, float *k_cache, float *v_cache, int pos, \
                          float *scores, float *out
+#define NSLM_INT8_ARGS const int8_t *Q, const float *scales, int group, const float *bias, const float *X, \
+                       float *Y, int B, int n_in, int n_out, int r0, int r1
 #define NSLM_KERNELS(suffix, target, L)                                                                   \
     target void matvec_rows_##suffix(NSLM_MATVEC_ARGS) { matvec_rows<L>(W, bias, X, Y, B, n_in, n_out, r0, r1); } \
+    target void matvec_rows_int8_##suffix(NSLM_INT8_ARGS) {                                               \
+        int8_##suffix::matvec_rows_int8<L>(Q, scales, group, bias, X, Y, B, n_in, n_out, r0, r1);         \
+    }                                                                                                     \
     target void attend_##suffix(NSLM_ATTEND_ARGS) { attend<L>(hs, q, k, v, k_cache, v_cache, pos, scores, out); }
 
 NSLM_KERNELS(baseline, , 8)
@@ -351,6 +415,7 @@ NSLM_KERNELS(avx512, __attribute__((target("avx512f,fma"))), 16)
 struct Kernels {
     const char* isa;
     void (*matvec_rows)(NSLM_MATVEC_ARGS);
+    void (*matvec_rows_int8)(NSLM_INT8_ARGS);
     void (*attend)(NSLM_ATTEND_ARGS);
 };
 
@@ -361,11 +426,11 @@ const std::vector<Kernels>& supported_kernels() {
 #ifdef NSLM_X86_VARIANTS
         __builtin_cpu_init();
         if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"))
-            found.push_back({"avx512", matvec_rows_avx512, attend_avx512});
+            found.push_back({"avx512", matvec_rows_avx512, matvec_rows_int8_avx512, attend_avx512});
         if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-            found.push_back({"avx2", matvec_rows_avx2, attend_avx2});
+            found.push_back({"avx2", matvec_rows_avx2, matvec_rows_int8_avx2, attend_avx2});
 #endif
-        found.push_back({"baseline", matvec_rows_baseline, attend_baseline});
+        found.push_back({"baseline", matvec_rows_baseline, matvec_rows_int8_baseline, attend_baseline});
         return found;
     }();
     return kernels;
@@ -459,6 +524,12 @@ void decode_step(const DecoderConfig& c, const DecoderWeights& w, const int64_t*
     std::vector<float> qkv(size_t(B) * 3 * C), heads(size_t(B) * C), attn_out(size_t(B) * C),
         fc_out(size_t(B) * fc_rows), mlp_out(size_t(B) * C);
     const Kernels& kernels = kernels_for(isa);
+    // rows [r0, r1) of Y = W X + bias, for the (B, n_in) inputs X: W fp32 or int8 (decode.h: Matrix)
+    auto matvec = [&](const Matrix& W, const float* bias, const float* X, float* Y, int n_in, int n_out, int r0,
+                      int r1) {
+        if (W.q) kernels.matvec_rows_int8(W.q, W.scales, c.group, bias, X, Y, B, n_in, n_out, r0, r1);
+        else kernels.matvec_rows(W.w, bias, X, Y, B, n_in, n_out, r0, r1);
+    };
     WorkerPool* pool = n_threads > 1 ? &WorkerPool::get(n_threads) : nullptr;
     if (pool) n_threads = std::min(n_threads, pool->size());
     SpinBarrier barrier(n_threads);
@@ -466,13 +537,19 @@ void decode_step(const DecoderConfig& c, const DecoderWeights& w, const int64_t*
     auto run = [&](int tid) {
         // Private: the residual stream and the vectors derived from it, identical in every thread.
         std::vector<float> x(size_t(B) * C), xn(size_t(B) * C), act(size_t(B) * H), scores(pos + 1);
-        for (int b = 0; b < B; ++b)
-            for (int i = 0; i < C; ++i)
-                x[size_t(b) * C + i] = w.wte[tokens[b] * C + i] + (w.wpe ? w.wpe[size_t(pos) * C + i] : 0.0f);
+        for (int b = 0; b < B; ++b) {
+            const size_t row = size_t(tokens[b]);
+            const int n_groups = c.group ? (C + c.group - 1) / c.group : 0;
+            for (int i = 0; i < C; ++i) {
+                const float e = w.wte.q ? float(w.wte.q[row * C + i]) * w.wte.scales[row * n_groups + i / c.group]
+                                        : w.wte.w[row * C + i];
+                x[size_t(b) * C + i] = e + (w.wpe ? w.wpe[size_t(pos) * C + i] : 0.0f);
+            }
+        }
         for (const DecoderLayer& L : w.layers) {
             norm(c, x.data(), L.ln_1_weight, L.ln_1_bias, xn.data());
             auto [q0, q1] = share(3 * C, tid, n_threads);
-            kernels.matvec_rows(L.attn_weight, L.attn_bias, xn.data(), qkv.data(), B, C, 3 * C, q0, q1);
+            matvec(L.attn_weight, L.attn_bias, xn.data(), qkv.data(), C, 3 * C, q0, q1);
             barrier.wait();
             for (int task = tid; task < B * c.n_head; task += n_threads) {
                 const int b = task / c.n_head, h = task % c.n_head;
@@ -494,12 +571,12 @@ void decode_step(const DecoderConfig& c, const DecoderWeights& w, const int64_t*
             }
             barrier.wait();
             auto [p0, p1] = share(C, tid, n_threads);
-            kernels.matvec_rows(L.attn_proj_weight, L.attn_proj_bias, heads.data(), attn_out.data(), B, C, C, p0, p1);
+            matvec(L.attn_proj_weight, L.attn_proj_bias, heads.data(), attn_out.data(), C, C, p0, p1);
             barrier.wait();
             for (size_t i = 0; i < x.size(); ++i) x[i] += attn_out[i];
             norm(c, x.data(), L.ln_2_weight, L.ln_2_bias, xn.data());
             auto [f0, f1] = share(fc_rows, tid, n_threads);
-            kernels.matvec_rows(L.fc_weight, L.fc_bias, xn.data(), fc_out.data(), B, C, fc_rows, f0, f1);
+            matvec(L.fc_weight, L.fc_bias, xn.data(), fc_out.data(), C, fc_rows, f0, f1);
             barrier.wait();
             for (int b = 0; b < B; ++b) {
                 const float* h = fc_out.data() + size_t(b) * fc_rows;
@@ -508,13 +585,13 @@ void decode_step(const DecoderConfig& c, const DecoderWeights& w, const int64_t*
                 else if (c.relu2) for (int i = 0; i < H; ++i) a[i] = h[i] > 0.0f ? h[i] * h[i] : 0.0f;
                 else for (int i = 0; i < H; ++i) a[i] = gelu_tanh(h[i]);
             }
-            kernels.matvec_rows(L.mlp_proj_weight, L.mlp_proj_bias, act.data(), mlp_out.data(), B, H, C, p0, p1);
+            matvec(L.mlp_proj_weight, L.mlp_proj_bias, act.data(), mlp_out.data(), H, C, p0, p1);
             barrier.wait();
             for (size_t i = 0; i < x.size(); ++i) x[i] += mlp_out[i];
         }
         norm(c, x.data(), w.ln_f_weight, w.ln_f_bias, xn.data());
         auto [v0, v1] = share(V, tid, n_threads);
-        kernels.matvec_rows(w.lm_head, nullptr, xn.data(), logits, B, C, V, v0, v1);
+        matvec(w.lm_head, nullptr, xn.data(), logits, C, V, v0, v1);
     };
 
     if (n_threads == 1) run(0);

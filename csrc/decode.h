@@ -1,6 +1,8 @@
 // One decoding step of model.py's GPT on the CPU, in one call: B sequences each take one new token, against
-// the key/value caches that the PyTorch prefill filled. fp32, the same math as GPT.hidden_states + lm_head,
-// with none of the per-operation overhead that dominates a small model's step in eager PyTorch.
+// the key/value caches that the PyTorch prefill filled. The same math as GPT.hidden_states + lm_head, with
+// none of the per-operation overhead that dominates a small model's step in eager PyTorch. The weights of the
+// matrix-vector products are fp32, or int8 with a scale per group of inputs (quantize.py), which the kernels
+// multiply out as they read: activations, norms, attention and the caches stay fp32.
 #pragma once
 
 #include <cstddef>
@@ -18,27 +20,40 @@ struct DecoderConfig {
     float eps;
     bool relu2;    // without swiglu: relu(x)^2 instead of GELU
     bool qk_norm;  // RMSNorm of each head's q and k (gains q_norm, k_norm), before the rotation
+    int group;     // 0: fp32 matrices; else int8 ones, one scale per `group` inputs of a row (a multiple of 16)
+};
+
+// A weight matrix (n_out, n_in), row-major: fp32 values w, or int8 values q with scales (n_out, ceil(n_in /
+// group)), w[r, i] = q[r, i] * scales[r, i / group] (a row's last group may be shorter).
+struct Matrix {
+    const float* w = nullptr;
+    const int8_t* q = nullptr;
+    const float* scales = nullptr;
 };
 
 // Pointers into the model's own tensors (row-major, as PyTorch holds them); a null bias means none.
 struct DecoderLayer {
     const float *ln_1_weight, *ln_1_bias;
-    const float *attn_weight, *attn_bias;            // (3C, C): q, k, v
+    Matrix attn_weight;                              // (3C, C): q, k, v
+    const float* attn_bias;
     const float *q_norm, *k_norm;                    // (head_size,) each, or null without qk_norm
-    const float *attn_proj_weight, *attn_proj_bias;  // (C, C)
+    Matrix attn_proj_weight;                         // (C, C)
+    const float* attn_proj_bias;
     const float *ln_2_weight, *ln_2_bias;
-    const float *fc_weight, *fc_bias;                // (H, C), or (2H, C) for SwiGLU
-    const float *mlp_proj_weight, *mlp_proj_bias;    // (C, H)
+    Matrix fc_weight;                                // (H, C), or (2H, C) for SwiGLU
+    const float* fc_bias;
+    Matrix mlp_proj_weight;                          // (C, H)
+    const float* mlp_proj_bias;
     float *k_cache, *v_cache;                        // (B, n_head, block_size, head_size)
 };
 
 struct DecoderWeights {
-    const float* wte;                          // (V, C)
+    Matrix wte;                                // (V, C): a token's row is read (and dequantised) alone
     const float* wpe;                          // (block_size, C), or null with rope
     const float *rope_cos, *rope_sin;          // (block_size, head_size / 2), or null without rope
     std::vector<DecoderLayer> layers;
     const float *ln_f_weight, *ln_f_bias;
-    const float* lm_head;                      // (V, C), may be wte itself
+    Matrix lm_head;                            // (V, C), may be wte itself
 };
 
 // Memory for a model's weights (GPT.pack_weights_ puts them all in one, in the order a step reads them):
