@@ -256,6 +256,22 @@ def bits_per_byte(loss, split_meta):
     return loss / math.log(2) * split_meta["tokens"] / split_meta["bytes"]
 
 
+@torch.no_grad()
+def split_bits_per_byte(model, dataset, split="val"):
+    """Bits per byte of model on the whole of dataset's split (a data.TokenDataset), read once in windows of the
+    model's context, every token scored once: a window's first token is predicted from the previous window's
+    last, so none is skipped. The same text for every model, whatever its vocabulary."""
+    tokens = torch.from_numpy(dataset.splits[split].astype("int64"))
+    T = model.config.block_size
+    total, count = 0.0, 0
+    for start in range(0, len(tokens) - 1, T):  # inputs tokens[start:start+T], targets shifted by one
+        x = tokens[start:start + T + 1]
+        logits, _ = model(x[None, :-1])  # (1, T, vocab)
+        total += torch.nn.functional.cross_entropy(logits[0].float(), x[1:], reduction="sum").item()
+        count += len(x) - 1
+    return bits_per_byte(total / count, dataset.meta["splits"][split])
+
+
 def known_peak_flops(device_type, dtype_name, peak_flops=0.0):
     """The accelerator's peak FLOP/s for MFU: peak_flops when given, else a table of known GPUs (0: unknown)."""
     if peak_flops:

@@ -31,13 +31,12 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from checkpoint import load_run, read_log  # noqa: E402
 from data import TokenDataset  # noqa: E402
 from machine import cpu_name  # noqa: E402
-from training import bits_per_byte  # noqa: E402
+from training import split_bits_per_byte  # noqa: E402
 
 NANOGPT = ["--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--dropout=0.0",
            "--bias=False", "--pos=learned", "--norm=layernorm", "--mlp=gelu", "--tie_embeddings=True",
@@ -72,23 +71,10 @@ def train(recipe, run_dir, data_dir, minutes):
     subprocess.run(cmd, check=True)
 
 
-@torch.no_grad()
 def whole_split_bpb(run_dir, data_dir):
-    """Val bits/byte of run_dir's final model over the whole val split: windows of its context, each token
-    scored once (a window's first token is predicted from the previous window's end, so none is skipped)."""
-    model, _, config = load_run(run_dir, "last")
-    dataset = TokenDataset(data_dir)
-    tokens = torch.from_numpy(np.asarray(dataset.splits["val"], dtype=np.int64))
-    T = config["model"]["block_size"]
-    total, count = 0.0, 0
-    for start in range(0, len(tokens) - 1, T):  # inputs tokens[start:start+T], targets shifted by one
-        x = tokens[start:start + T + 1]
-        if len(x) < 2:
-            break
-        logits, _ = model(x[None, :-1])  # (1, T, vocab)
-        loss = torch.nn.functional.cross_entropy(logits[0].float(), x[1:], reduction="sum")
-        total, count = total + loss.item(), count + len(x) - 1
-    return bits_per_byte(total / count, dataset.meta["splits"]["val"])
+    """Val bits/byte of run_dir's final model over the whole val split (training.split_bits_per_byte)."""
+    model, _, _ = load_run(run_dir, "last")
+    return split_bits_per_byte(model, TokenDataset(data_dir))
 
 
 def sample(run_dir, max_new_tokens):

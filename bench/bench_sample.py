@@ -7,6 +7,7 @@ weights (converted by export.py), measured in the same run. Greedy outputs must 
     python bench/bench_sample.py --isa=avx2       # the C++ step's AVX2 build, as an AVX2-only CPU runs it
     python bench/bench_sample.py --unpacked       # our weights left as separate tensors (no pack_weights_)
     python bench/bench_sample.py --torch_step     # our decoding step in PyTorch instead of the C++ one
+    python bench/bench_sample.py --quantize=int8  # and the C++ step on int8 weights (quantize.py), batch 1
 
 Models (Llama layout, random weights, tied 32,000-token embeddings, the shapes of llama2.c's stories15M and
 stories42M): 15M = 6 layers, 6 heads, 288 wide; 40M = 8 layers, 8 heads, 512 wide. Prompt: 16 tokens.
@@ -16,7 +17,10 @@ decode the rest (for transformers, a full generate() less that).
 
 At batch 1 every decoded token reads all the weights once, so the rate at which this machine reads memory
 bounds any fp32 implementation: the script measures it on a tensor of the model's size held in huge pages as
-the packed weights are (torch.amax, all threads, best of 10) and prints the ceiling next to the speeds.
+the packed weights are (torch.amax, all threads, best of 10) and prints the ceiling next to the speeds. With
+--quantize=int8 it does the same for the int8 step's bytes (int8 values, a float scale per 32, the fp32 norms),
+and reports the share of the int8 model's greedy tokens that equal the fp32 model's (random weights: a harder
+test than a trained model's, whose top token usually leads by more).
 """
 import argparse
 import functools
@@ -34,6 +38,7 @@ import transformers  # noqa: E402
 from export import llama_model  # noqa: E402
 from machine import cpu_name  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from quantize import quantize_model_  # noqa: E402
 
 MODELS = {
     "15M": dict(n_layer=6, n_head=6, n_embd=288),
@@ -42,14 +47,31 @@ MODELS = {
 PROMPT_TOKENS = 16
 
 
-def build(name, pack=True):
+def build(name, pack=True, quantize=""):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=32000, block_size=512, pos="rope", norm="rmsnorm", mlp="swiglu",
                           **MODELS[name])).eval()
     with torch.no_grad():  # sharper logits than at init, so sampling is not uniform noise
         model.transformer.wte.weight.mul_(8)
     hf = llama_model(model)
+    if quantize == "int8":
+        quantize_model_(model)
     return (model.pack_weights_() if pack else model), hf  # packed as sample.py does after loading
+
+
+def step_bytes(model):
+    """The bytes one decoding step reads: every parameter once, int8 values and scales in place of the fp32
+    matrices they stand for."""
+    total = 0
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if name == "weight" and getattr(module, "weight_int8", None) is not None:
+                if module is model.transformer.wte:
+                    continue  # a token reads one row of the embedding, not the whole table
+                total += module.weight_int8.numel() + module.weight_scales.numel() * 4
+            else:
+                total += p.numel() * p.element_size()
+    return total
 
 
 def time_ours(model, prompt, new_tokens, sampling):
@@ -89,6 +111,29 @@ def read_rate(n_bytes):
     return n_bytes / best
 
 
+def time_int8(name, args, fp32_rate, hf_rate):
+    """Batch-1 decoding with int8 weights, against the fp32 step and transformers measured just before."""
+    model, _ = build(name, pack=not args.unpacked, quantize=args.quantize)
+    fp32, _ = build(name, pack=not args.unpacked)
+    if args.isa:
+        model.native_decoder = functools.partial(GPT.native_decoder, model, isa=args.isa)
+    prompt = torch.randint(0, 32000, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
+    rates = {}
+    for sampling in (False, True):
+        time_ours(model, prompt, 8, sampling)  # warm-up
+        _, decode, out = time_ours(model, prompt, args.new_tokens, sampling)
+        rates[sampling] = (args.new_tokens - 1) / decode
+        if not sampling:
+            same = (out == time_ours(fp32, prompt, args.new_tokens, False)[2])[0, PROMPT_TOKENS:].float().mean()
+    n_bytes = step_bytes(model)
+    ceiling = read_rate(n_bytes) / n_bytes
+    print(f"  int8 weights ({args.quantize}, a scale per 32), batch 1: greedy {rates[False]:,.0f} t/s, top-k/p "
+          f"{rates[True]:,.0f} t/s = {rates[False] / fp32_rate:.2f}x our fp32 step, {rates[False] / hf_rate:.2f}x "
+          f"transformers' greedy; reads {n_bytes / 1e6:.0f} MB a token, so no int8 implementation decodes faster "
+          f"than {ceiling:,.0f} t/s (ours: {rates[False] / ceiling:.0%} of that); greedy tokens equal to fp32's: "
+          f"{same:.0%}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     parser.add_argument("--models", default="15M,40M")
@@ -100,6 +145,8 @@ def main():
                         help="leave our weights as separate tensors instead of packing them as sample.py does")
     parser.add_argument("--torch_step", action="store_true",
                         help="decode with model.py's PyTorch step, not the C++ one (csrc/decode.cpp)")
+    parser.add_argument("--quantize", default="", choices=["", "int8"],
+                        help="also time the C++ step on int8 weights (quantize.py), batch 1, in the same run")
     args = parser.parse_args()
     transformers.logging.set_verbosity_error()
     step = "PyTorch" if args.torch_step else "C++ " + (args.isa or _nanoslm.decode_instruction_sets()[0])
@@ -140,6 +187,8 @@ def main():
                   f"that size at {weight_bytes * ceiling / 1e9:.1f} GB/s, so no fp32 implementation decodes faster "
                   f"than {ceiling:,.0f} t/s = {ceiling / hf_greedy_batch1:.2f}x transformers' greedy (ours: "
                   f"{ours_greedy_batch1 / ceiling:.0%} of that)")
+        if args.quantize and hf_greedy_batch1:
+            time_int8(name, args, ours_greedy_batch1, hf_greedy_batch1)
     print("\ngreedy outputs identical to transformers': yes (asserted)")
 
 
