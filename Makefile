@@ -2,6 +2,7 @@
 #   make quickstart   # venv + locked dependencies + native build, then the pipeline on the bundled corpus
 #   make test         # venv + locked dependencies + native build, then the test suite (what CI runs)
 #   make notebook     # the same, plus JupyterLab, opened on notebooks/walkthrough.ipynb
+#   make llama        # llama.cpp's Python binding (built from source: minutes), for the GGUF checks and bench
 # and the one way versions move forward, on purpose:
 #   make lock         # resolve requirements*.txt afresh in a scratch venv -> requirements.lock; then make test
 PYTHON ?= python3
@@ -11,6 +12,7 @@ INSTALLED := $(VENV)/.installed
 DEV_INSTALLED := $(VENV)/.dev-installed
 BUILT := $(VENV)/.built
 NOTEBOOK_INSTALLED := $(VENV)/.notebook-installed
+LLAMA_INSTALLED := $(VENV)/.llama-installed
 # requirements.txt and requirements-dev.txt name the direct dependencies with ranges; requirements.lock
 # pins every package they pull in (transitive ones included) to the versions the tests passed with.
 # torch is left out of the lock: it is TORCH_CPU below, or the CUDA build a GPU machine already has.
@@ -19,7 +21,7 @@ PIP_LOCKED := $(PY) -m pip install -q -c $(LOCK)
 # The CPU build of torch; override with your platform's CPU wheel if needed.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: quickstart test build lock notebook
+.PHONY: quickstart test build lock notebook llama
 
 quickstart: $(BUILT)
 	$(PY) prepare.py --dataset=bundled --vocab_size=4096
@@ -51,6 +53,15 @@ $(DEV_INSTALLED): $(INSTALLED) requirements-dev.txt $(LOCK)
 
 $(NOTEBOOK_INSTALLED): $(DEV_INSTALLED) notebooks/requirements-notebook.txt $(LOCK)
 	$(PIP_LOCKED) -r notebooks/requirements-notebook.txt
+	touch $@
+
+# llama.cpp through llama-cpp-python (bench/requirements-llama.txt), for tests/test_gguf.py's check that llama.cpp
+# runs our GGUF exports as we do, and for bench/llama_cpp_peer.py. pip builds llama.cpp from source, tuned for
+# this CPU (GGML_NATIVE): it takes several minutes. Not part of make test, whose GGUF checks skip without it.
+llama: $(LLAMA_INSTALLED)
+
+$(LLAMA_INSTALLED): $(INSTALLED) bench/requirements-llama.txt $(LOCK)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP_LOCKED) -r bench/requirements-llama.txt
 	touch $@
 
 $(BUILT): $(INSTALLED) setup.py $(wildcard csrc/*.cpp csrc/*.h)

@@ -1,18 +1,23 @@
 """
-Export a trained model and its tokenizer to Hugging Face transformers.
+Export a trained model and its tokenizer to Hugging Face transformers, or to one GGUF file for llama.cpp.
 
     python export.py --out_dir=out/quickstart --to=hf --dest=hf_model/
+    python export.py --out_dir=out/quickstart --to=gguf --dest=model.gguf --gguf_type=q8_0
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     model = AutoModelForCausalLM.from_pretrained("hf_model")   # offline, safetensors
     tokenizer = AutoTokenizer.from_pretrained("hf_model")
 
+    llama-cli -m model.gguf -p "Once upon a time" -n 100       # or llama_cpp.Llama("model.gguf")
+
 A GPT-2-style model (pos=learned, norm=layernorm, mlp=gelu or relu2) becomes a GPT2LMHeadModel; a Llama-style
 one (pos=rope, norm=rmsnorm, mlp=swiglu) a LlamaForCausalLM, or with qk_norm a Qwen3ForCausalLM (Llama's layout
 with RMSNorm on each head's queries and keys). Other combinations have no transformers class and are refused,
-naming the option. A LoRA run of finetune.py is exported with its adapter folded in, and a
-model with the chat tokens gets the chat template (tokenizer.apply_chat_template) and stops generating at
-<|im_end|>. transformers is needed here (and in the tests), not to train or sample.
+naming the option. --to=gguf writes llama.cpp's gpt2, llama or qwen3 architecture the same way (gguf_file.py;
+mlp=relu2 has no llama.cpp equivalent), its matrices in f32, f16 or q8_0 (--gguf_type). A LoRA run of
+finetune.py is exported with its adapter folded in, and a model with the chat tokens gets the chat template
+and stops generating at <|im_end|>. transformers is needed for --to=hf (and in the tests), not to train or
+sample.
 """
 import os
 import shutil
@@ -25,14 +30,16 @@ from chat import IM_END, jinja_template
 from checkpoint import load_run
 from configurator import configure, settings_of
 from files import replace_directory
+from gguf_file import GGUF_TYPES, write_gguf
 from lora import merge_lora
-from tokenizer import EOT, Tokenizer
+from tokenizer import EOT, Tokenizer, byte_level_alphabet, merges_of
 
 # --- settings -------------------------------------------------------------------------------------------
 out_dir = "out/quickstart"  # the train.py run to export
 checkpoint = "best"  # "best" or "last"
-to = "hf"  # the only format so far: Hugging Face transformers
-dest = "hf_model"  # the directory to write (a previous export there is replaced whole)
+to = "hf"  # "hf" (Hugging Face transformers, a directory) or "gguf" (llama.cpp, one file)
+dest = ""  # hf: a directory (default hf_model; an export there is replaced whole); gguf: a file (model.gguf)
+gguf_type = "f16"  # --to=gguf: the matrices' type, "f32", "f16" or "q8_0" (norms and biases stay f32)
 # --------------------------------------------------------------------------------------------------------
 
 
@@ -134,37 +141,6 @@ def load_exactly(hf, state):
     return hf.eval()
 
 
-def merges_of(tok: Tokenizer):
-    """The merge that makes each token: BPE-encode its bytes with the ranks below its own down to two parts."""
-    ranks = tok.mergeable_ranks
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(token) < 2:
-            continue
-        parts = [bytes([b]) for b in token]
-        while len(parts) > 2:
-            pair_ranks = [ranks.get(parts[i] + parts[i + 1], rank) for i in range(len(parts) - 1)]
-            i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
-            if pair_ranks[i] >= rank:
-                raise ExportError(f"token {token!r} (rank {rank}) cannot be built from lower-ranked tokens")
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        merges.append((parts[0], parts[1]))
-    return merges
-
-
-def byte_level_alphabet():
-    """GPT-2's reversible byte -> printable character table, which transformers' ByteLevel BPE uses."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = [], 0
-    for b in range(256):
-        if b in printable:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
 def hf_tokenizer(tok: Tokenizer):
     """A Hugging Face `tokenizers` byte-level BPE giving the same ids as tok (the GPT-2 pattern, our ranks,
     our special tokens)."""
@@ -227,19 +203,29 @@ def export_hf(model, tok: Tokenizer, dest_dir: str, run_dir=None):
 
 
 def main():
-    if to != "hf":
-        raise ExportError(f"to={to!r}: the only export format is 'hf' (Hugging Face transformers)")
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise ExportError("export needs transformers: pip install transformers") from None
+    if to not in ("hf", "gguf"):
+        raise ExportError(f"to={to!r}: the only export formats are 'hf' (Hugging Face transformers) and 'gguf' "
+                          f"(llama.cpp)")
+    if to == "gguf" and gguf_type not in GGUF_TYPES:
+        raise ExportError(f"gguf_type={gguf_type!r}: choose one of {', '.join(GGUF_TYPES)}")
+    if to == "hf":
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise ExportError("export needs transformers: pip install transformers") from None
     model, tok, _ = load_run(out_dir, checkpoint)
     merge_lora(model)  # a LoRA run: its base with the adapter folded in
-    export_hf(model, tok, dest, out_dir)
-    print(f"wrote {os.path.normpath(dest)}/ ({architecture(model.config)}: "
-          f"{model.num_params(False) / 1e6:.2f}M parameters, "
-          f"{tok.n_vocab:,}-token tokenizer). Load it with transformers.AutoModelForCausalLM.from_pretrained"
-          f"({dest!r}) and AutoTokenizer.from_pretrained({dest!r}).")
+    size = f"{model.num_params(False) / 1e6:.2f}M parameters, {tok.n_vocab:,}-token tokenizer"
+    if to == "gguf":
+        path = dest or "model.gguf"
+        arch = write_gguf(model, tok, path, gguf_type, name=os.path.basename(os.path.normpath(out_dir)))
+        print(f"wrote {path} ({arch}, {gguf_type}: {size}). Run it with llama.cpp: llama-cli -m {path}, "
+              f"or llama_cpp.Llama({path!r}).")
+        return
+    path = dest or "hf_model"
+    export_hf(model, tok, path, out_dir)
+    print(f"wrote {os.path.normpath(path)}/ ({architecture(model.config)}: {size}). Load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({path!r}) and AutoTokenizer.from_pretrained({path!r}).")
 
 
 if __name__ == "__main__":

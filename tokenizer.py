@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import sys
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -329,6 +329,39 @@ def _safe_cut(text: str, special_tokens) -> int:
         if before.isascii() and after.isascii() and not before.isspace() and not after.isspace() \
                 and before.isprintable() and after.isprintable():
             return pos + 1
+
+
+# --- the vocabulary as byte-level BPE (for exports): its merges and GPT-2's byte alphabet ---------------
+
+def merges_of(tok: Tokenizer) -> List[Tuple[bytes, bytes]]:
+    """The merge that makes each token: BPE-encode its bytes with the ranks below its own down to two parts."""
+    ranks = tok.mergeable_ranks
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            pair_ranks = [ranks.get(parts[i] + parts[i + 1], rank) for i in range(len(parts) - 1)]
+            i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
+            if pair_ranks[i] >= rank:
+                raise ValueError(f"token {token!r} (rank {rank}) cannot be built from lower-ranked tokens")
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def byte_level_alphabet() -> List[str]:
+    """GPT-2's reversible byte -> printable character table, which transformers' ByteLevel BPE uses."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
 
 
 # --- the visualiser -------------------------------------------------------------------------------------
