@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from chat import add_chat_tokens
-from files import CheckpointError, atomic_write, file_sha256, replace_directory
+from files import CheckpointError, atomic_write, file_sha256, remove_stale_writes, replace_directory
 from lora import add_lora, grow_vocab, load_adapter_tensors
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer, special_tokens_path
@@ -160,7 +160,9 @@ def seconds_to_save(out_dir, model, optimizer, info, adapter=None):
 
 def remove_stale_temporaries(out_dir):
     """Delete the temporary checkpoint directories (.last.tmp*) of a run killed mid-save (SIGKILL, power
-    loss): save_checkpoint swaps a directory in only once it is whole, so they hold nothing to keep."""
+    loss): save_checkpoint swaps a directory in only once it is whole, so they hold nothing to keep; and the
+    temporary files of atomic writes (log.jsonl, the tokenizer) cut off the same way."""
+    remove_stale_writes(out_dir)
     for name in os.listdir(out_dir):
         if re.fullmatch(r"\.\w+\.tmp\w+", name) and os.path.isdir(os.path.join(out_dir, name)):
             shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)

@@ -3,13 +3,15 @@ Reading and writing files safely, for every stage: text read line by line with e
 the line, and writes that a reader (or a crash) never sees half done.
 
     from files import atomic_write, read_lines
-    atomic_write("out/eval.json", b"{}")          # a temporary file, then a rename
+    atomic_write("out/eval.json", b"{}")          # a temporary file, then a rename (atomic_path: by name)
     for lineno, line in read_lines("data.jsonl"):  # UTF-8 (gzipped if .gz), \\n endings, no byte-order mark
         ...
 """
+import contextlib
 import gzip
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 import zlib
@@ -85,6 +87,28 @@ def atomic_write(path: str, data: bytes) -> None:
         raise
 
 
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """A temporary file name beside path, for a writer that wants a name rather than bytes: the file is renamed
+    to path when the with-block ends, and removed if it raises, so a reader never sees half a file.
+
+        with atomic_path("model.gguf") as tmp:
+            writer = SomeWriter(tmp)  # writes and closes tmp
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the permissions open() would
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def replace_directory(tmp: str, final: str) -> None:
     """Swap the complete directory tmp in at final by renames: a reader finds the old whole or the new whole
     (between the two renames, the old one waits beside it as .<name>.old). The directory gets the permissions
@@ -92,8 +116,17 @@ def replace_directory(tmp: str, final: str) -> None:
     os.chmod(tmp, 0o777 & ~current_umask())
     head, name = os.path.split(os.path.abspath(final))
     old = os.path.join(head, f".{name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.isdir(final):
+    if os.path.isdir(final):  # else an old left by a swap killed between its renames is the only copy: kept
+        shutil.rmtree(old, ignore_errors=True)
         os.rename(final, old)
     os.rename(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_writes(directory: str) -> None:
+    """Delete the temporary files (<name>.XXXXXXXX.tmp) of atomic_write and atomic_path calls whose process
+    was killed (SIGKILL, power loss) before its rename: they hold nothing the finished file does not."""
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if re.fullmatch(r".+\.[a-z0-9_]{8}\.tmp", name) and os.path.isfile(path):
+            os.remove(path)

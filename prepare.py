@@ -28,7 +28,7 @@ from tqdm import tqdm
 from corpus import (SUFFIXES, DownloadError, check_hub_reachable, clean, file_kind, read_file, read_tinystories,
                     read_txt, val_mask)
 from data import HEADER_BYTES, TokenDataset, read_header, token_dtype_for, write_header
-from files import DataError, atomic_write
+from files import DataError, atomic_write, remove_stale_writes
 from tokenizer import EOT, Tokenizer, special_tokens_path
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -371,6 +371,7 @@ def prepare(args) -> str:
     out = Output(os.path.join(args.out_dir, args.name or default_name(args)))
     created = not os.path.isdir(out.dir)
     os.makedirs(out.dir, exist_ok=True)
+    remove_stale_writes(out.dir)  # of a run killed in the middle of an atomic write
     passes = make_passes(args)
     try:
         tok, state = start_or_resume(args, out, passes)
