@@ -8,6 +8,8 @@ weights (converted by export.py), measured in the same run. Greedy outputs must 
     python bench/bench_sample.py --unpacked       # our weights left as separate tensors (no pack_weights_)
     python bench/bench_sample.py --torch_step     # our decoding step in PyTorch instead of the C++ one
     python bench/bench_sample.py --quantize=int8  # and the C++ step on int8 weights (quantize.py), batch 1
+    python bench/bench_sample.py --models=15M,40M --batches=1 --quantize=int8 --peer=llama.cpp
+                                                  # and llama.cpp on the same weights (F32 and Q8_0 GGUF files)
 
 Models (Llama layout, random weights, tied 32,000-token embeddings, the shapes of llama2.c's stories15M and
 stories42M): 15M = 6 layers, 6 heads, 288 wide; 40M = 8 layers, 8 heads, 512 wide. Prompt: 16 tokens.
@@ -132,6 +134,28 @@ def time_int8(name, args, fp32_rate, hf_rate):
           f"transformers' greedy; reads {n_bytes / 1e6:.0f} MB a token, so no int8 implementation decodes faster "
           f"than {ceiling:,.0f} t/s (ours: {rates[False] / ceiling:.0%} of that); greedy tokens equal to fp32's: "
           f"{same:.0%}")
+    return rates[False]
+
+
+def time_llama_cpp(model, args, fp32_rate, int8_rate):
+    """llama.cpp's batch-1 greedy decode on GGUF files of model's weights (F32, Q8_0), with its KV cache in
+    f32 as ours, against our fp32 step and (with --quantize) our int8 one."""
+    import tempfile
+    from gguf_file import write_gguf
+    from llama_cpp_peer import decode
+    from tokenizer import Tokenizer
+    gpt2 = Tokenizer.gpt2()  # its first 32,000 tokens: a vocabulary the model's rows can carry
+    tok = Tokenizer({t: r for t, r in gpt2.mergeable_ranks.items() if r < model.config.vocab_size}, {})
+    prompt = torch.randint(0, 32000, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))[0].tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+        for gguf_type, ours, label in (("f32", fp32_rate, "fp32 step"), ("q8_0", int8_rate, "int8 step")):
+            path = os.path.join(tmp, f"m.{gguf_type}.gguf")
+            write_gguf(model, tok, path, gguf_type)
+            decode(path, prompt, 8, torch.get_num_threads())  # warm-up
+            _, seconds, _ = decode(path, prompt, args.new_tokens, torch.get_num_threads())
+            rate = (args.new_tokens - 1) / seconds
+            versus = f"ours {ours:,.0f} t/s = {ours / rate:.2f}x" if ours else "(our int8: --quantize=int8)"
+            print(f"  llama.cpp {gguf_type.upper()}, batch 1 greedy: {rate:,.0f} t/s; {label}: {versus}")
 
 
 def main():
@@ -145,6 +169,9 @@ def main():
                         help="leave our weights as separate tensors instead of packing them as sample.py does")
     parser.add_argument("--torch_step", action="store_true",
                         help="decode with model.py's PyTorch step, not the C++ one (csrc/decode.cpp)")
+    parser.add_argument("--peer", default="", choices=["", "llama.cpp"],
+                        help="also time llama.cpp (make llama) on GGUF files of the same weights: F32 against our "
+                             "fp32 step, Q8_0 against our int8 one, batch-1 greedy decode")
     parser.add_argument("--quantize", default="", choices=["", "int8"],
                         help="also time the C++ step on int8 weights (quantize.py), batch 1, in the same run")
     args = parser.parse_args()
@@ -187,8 +214,11 @@ def main():
                   f"that size at {weight_bytes * ceiling / 1e9:.1f} GB/s, so no fp32 implementation decodes faster "
                   f"than {ceiling:,.0f} t/s = {ceiling / hf_greedy_batch1:.2f}x transformers' greedy (ours: "
                   f"{ours_greedy_batch1 / ceiling:.0%} of that)")
+        int8_rate = None
         if args.quantize and hf_greedy_batch1:
-            time_int8(name, args, ours_greedy_batch1, hf_greedy_batch1)
+            int8_rate = time_int8(name, args, ours_greedy_batch1, hf_greedy_batch1)
+        if args.peer and hf_greedy_batch1:
+            time_llama_cpp(model, args, ours_greedy_batch1, int8_rate)
     print("\ngreedy outputs identical to transformers': yes (asserted)")
 
 
