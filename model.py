@@ -327,15 +327,8 @@ class GPT(nn.Module):
         params = list(self.parameters())  # each once: the tied embedding and lm_head are one parameter
         if _nanoslm is None or any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
             return self
-        sizes = [(p.numel() + 15) // 16 * 16 for p in params]  # each at a 64-byte boundary: whole vector loads
-        block = _nanoslm.weight_block(sum(sizes))
-        offset = 0
-        for p, size in zip(params, sizes):
-            # a storage of its own over its part of the block, so that saving (safetensors) sees no sharing
-            packed = torch.from_numpy(block[offset:offset + p.numel()]).view(p.shape)
-            packed.copy_(p)
+        for p, packed in zip(params, one_block(params)):
             p.data = packed
-            offset += size
         return self
 
     def native_decoder(self, caches: List[KVCache], isa: str = ""):
@@ -449,6 +442,21 @@ class GPT(nn.Module):
         """idx (B, T) followed by the generated tokens; see generate_stream for the options."""
         tokens = list(self.generate_stream(idx, max_new_tokens, **kwargs))
         return torch.cat([idx] + [t[:, None] for t in tokens], dim=1)
+
+
+@torch.no_grad()
+def one_block(tensors):
+    """Copies of CPU tensors (any dtype) in one block of memory, in the order given, aligned to 2 MB and backed by
+    huge pages where the system allows (csrc/decode.h: WeightBlock; needs the extension), each at a 64-byte
+    boundary (whole vector loads) and over a storage of its own, so that saving (safetensors) sees no sharing."""
+    sizes = [(t.numel() * t.element_size() + 63) // 64 * 16 for t in tensors]  # in floats, whole 64 bytes each
+    block = _nanoslm.weight_block(sum(sizes))
+    copies, offset = [], 0
+    for t, size in zip(tensors, sizes):
+        part = torch.from_numpy(block[offset:offset + size]).view(torch.uint8)[:t.numel() * t.element_size()]
+        copies.append(part.view(t.dtype).view(t.shape).copy_(t))
+        offset += size
+    return copies
 
 
 def sample_next(logits, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import one_block
 from system import native
 
 _nanoslm = native(required=False)
@@ -95,20 +96,9 @@ def quantize_model_(model, group: int = 32):
 
 def pack(pairs):
     """[(q, scales)] moved into one block of memory, in that order, aligned to 2 MB and backed by huge pages
-    where the system allows (as GPT.pack_weights_ does for fp32 weights: a token reads them all, and 4 KB pages
-    cost TLB misses). Unchanged without the extension."""
+    where the system allows (model.one_block, as GPT.pack_weights_ does for fp32 weights: a token reads them
+    all, and 4 KB pages cost TLB misses). Unchanged without the extension."""
     if _nanoslm is None:
         return pairs
-    whole = lambda n: (n + 15) // 16 * 16  # noqa: E731  (floats; each tensor at a 64-byte boundary)
-    sizes = [(whole(-(-q.numel() // 4)), whole(s.numel())) for q, s in pairs]  # int8 values 4 to a float slot
-    block = torch.from_numpy(_nanoslm.weight_block(sum(a + b for a, b in sizes)))
-    packed, offset = [], 0
-    for (q, scales), (q_size, s_size) in zip(pairs, sizes):
-        packed_q = block[offset:offset + q_size].view(torch.int8)[:q.numel()].view(q.shape)
-        offset += q_size
-        packed_scales = block[offset:offset + scales.numel()].view(scales.shape)
-        offset += s_size
-        packed_q.copy_(q)
-        packed_scales.copy_(scales)
-        packed.append((packed_q, packed_scales))
-    return packed
+    copies = one_block([t for pair in pairs for t in pair])
+    return list(zip(copies[0::2], copies[1::2]))
