@@ -72,21 +72,6 @@ def current_umask() -> int:
     return umask
 
 
-def atomic_write(path: str, data: bytes) -> None:
-    """Write data to path through a temporary file and a rename: a reader never sees half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 @contextlib.contextmanager
 def atomic_path(path: str):
     """A temporary file name beside path, for a writer that wants a name rather than bytes: the file is renamed
@@ -107,6 +92,12 @@ def atomic_path(path: str):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write data to path through a temporary file and a rename: a reader never sees half a file."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def replace_directory(tmp: str, final: str) -> None:
