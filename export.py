@@ -32,7 +32,7 @@ from configurator import configure, settings_of
 from files import replace_directory
 from gguf_file import GGUF_TYPES, write_gguf
 from lora import merge_lora
-from tokenizer import EOT, Tokenizer, byte_level_alphabet, merges_of
+from tokenizer import EOT, Tokenizer, byte_level_alphabet, byte_level_string, merges_of
 
 # --- settings -------------------------------------------------------------------------------------------
 out_dir = "out/quickstart"  # the train.py run to export
@@ -147,9 +147,8 @@ def hf_tokenizer(tok: Tokenizer):
     from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
     alphabet = byte_level_alphabet()
-    to_str = lambda bs: "".join(alphabet[b] for b in bs)  # noqa: E731
-    vocab = {to_str(token): rank for token, rank in tok.mergeable_ranks.items()}
-    merges = [(to_str(a), to_str(b)) for a, b in merges_of(tok)]
+    vocab = {byte_level_string(token, alphabet): rank for token, rank in tok.mergeable_ranks.items()}
+    merges = [(byte_level_string(a, alphabet), byte_level_string(b, alphabet)) for a, b in merges_of(tok)]
     hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     hf.decoder = decoders.ByteLevel()

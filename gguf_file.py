@@ -23,7 +23,7 @@ import torch
 
 from chat import IM_END, jinja_template
 from files import atomic_path
-from tokenizer import Tokenizer, byte_level_alphabet, merges_of
+from tokenizer import Tokenizer, byte_level_alphabet, byte_level_string, merges_of
 
 GGUF_TYPES = ("f32", "f16", "q8_0")  # the type of the matrices; norms, biases, position embeddings stay f32
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -146,7 +146,7 @@ def vocabulary(tok: Tokenizer, n_vocab: int) -> Tuple[List[str], List[int]]:
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     types = [gguf.TokenType.UNUSED] * n_vocab
     for token, rank in tok.mergeable_ranks.items():
-        tokens[rank], types[rank] = "".join(alphabet[b] for b in token), gguf.TokenType.NORMAL
+        tokens[rank], types[rank] = byte_level_string(token, alphabet), gguf.TokenType.NORMAL
     for text, i in tok.special_tokens.items():
         tokens[i], types[i] = text, gguf.TokenType.CONTROL
     return tokens, [int(t) for t in types]
@@ -156,13 +156,13 @@ def add_tokenizer(writer, tok: Tokenizer, n_vocab: int) -> None:
     """GPT-2 byte-level BPE with our ranks; <|endoftext|> opens and ends a document; a chat model's turn ends
     at <|im_end|> (its eos and eot, as in ChatML models' GGUFs) and its template is ours (chat.py)."""
     alphabet = byte_level_alphabet()
-    to_str = lambda bs: "".join(alphabet[b] for b in bs)  # noqa: E731
     tokens, types = vocabulary(tok, n_vocab)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")  # llama.cpp's name for the GPT-2 pattern, tokenizer.GPT2_PATTERN
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges([f"{to_str(a)} {to_str(b)}" for a, b in merges_of(tok)])
+    writer.add_token_merges([f"{byte_level_string(a, alphabet)} {byte_level_string(b, alphabet)}"
+                             for a, b in merges_of(tok)])
     writer.add_add_bos_token(False)  # a prompt is taken as given, as sample.py does
     if tok.eot_token is not None:
         writer.add_bos_token_id(tok.eot_token)

@@ -364,6 +364,13 @@ def byte_level_alphabet() -> List[str]:
     return chars
 
 
+def byte_level_string(token: bytes, alphabet: Optional[List[str]] = None) -> str:
+    """A token's bytes as transformers' and llama.cpp's GPT-2 vocabularies write them: each byte one character
+    of byte_level_alphabet() (pass it in when converting many)."""
+    alphabet = alphabet or byte_level_alphabet()
+    return "".join(alphabet[b] for b in token)
+
+
 # --- the visualiser -------------------------------------------------------------------------------------
 
 def show(text: str, tokenizers: List[Tokenizer]) -> str:
