@@ -25,6 +25,7 @@ and reports the share of the int8 model's greedy tokens that equal the fp32 mode
 test than a trained model's, whose top token usually leads by more).
 """
 import argparse
+import copy
 import functools
 import os
 import sys
@@ -49,15 +50,13 @@ MODELS = {
 PROMPT_TOKENS = 16
 
 
-def build(name, pack=True, quantize=""):
+def build(name, pack=True):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=32000, block_size=512, pos="rope", norm="rmsnorm", mlp="swiglu",
                           **MODELS[name])).eval()
     with torch.no_grad():  # sharper logits than at init, so sampling is not uniform noise
         model.transformer.wte.weight.mul_(8)
     hf = llama_model(model)
-    if quantize == "int8":
-        quantize_model_(model)
     return (model.pack_weights_() if pack else model), hf  # packed as sample.py does after loading
 
 
@@ -113,12 +112,14 @@ def read_rate(n_bytes):
     return n_bytes / best
 
 
-def time_int8(name, args, fp32_rate, hf_rate):
-    """Batch-1 decoding with int8 weights, against the fp32 step and transformers measured just before."""
-    model, _ = build(name, pack=not args.unpacked, quantize=args.quantize)
-    fp32, _ = build(name, pack=not args.unpacked)
-    if args.isa:
-        model.native_decoder = functools.partial(GPT.native_decoder, model, isa=args.isa)
+def time_int8(fp32, args, fp32_greedy, fp32_rate, hf_rate):
+    """Batch-1 decoding with int8 weights of the fp32 model, against its step and transformers measured just
+    before (fp32_greedy: its batch-1 greedy output after the same prompt)."""
+    model = quantize_model_(copy.deepcopy(fp32))
+    if not args.unpacked:
+        model.pack_weights_()
+    # the C++ step, with --isa's kernels: not the copied fp32 model's (which --torch_step replaces)
+    model.native_decoder = functools.partial(GPT.native_decoder, model, isa=args.isa)
     prompt = torch.randint(0, 32000, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
     rates = {}
     for sampling in (False, True):
@@ -126,7 +127,7 @@ def time_int8(name, args, fp32_rate, hf_rate):
         _, decode, out = time_ours(model, prompt, args.new_tokens, sampling)
         rates[sampling] = (args.new_tokens - 1) / decode
         if not sampling:
-            same = (out == time_ours(fp32, prompt, args.new_tokens, False)[2])[0, PROMPT_TOKENS:].float().mean()
+            same = (out == fp32_greedy)[0, PROMPT_TOKENS:].float().mean()
     n_bytes = step_bytes(model)
     ceiling = read_rate(n_bytes) / n_bytes
     print(f"  int8 weights ({args.quantize}, a scale per 32), batch 1: greedy {rates[False]:,.0f} t/s, top-k/p "
@@ -205,6 +206,7 @@ def main():
                 mode = "top-k/p" if sampling else "greedy"
                 if batch == 1 and not sampling:
                     ours_greedy_batch1, hf_greedy_batch1 = decoded / d_ours, decoded / d_hf
+                    greedy_batch1 = out_ours
                 print(f"  {batch:>5} {mode:<8} {prefilled / p_ours:>9,.0f} t/s {decoded / d_ours:>8,.0f} t/s "
                       f"{prefilled / p_hf:>7,.0f} t/s {decoded / d_hf:>6,.0f} t/s {d_hf / d_ours:>11.2f}x")
         if hf_greedy_batch1:
@@ -216,7 +218,7 @@ def main():
                   f"{ours_greedy_batch1 / ceiling:.0%} of that)")
         int8_rate = None
         if args.quantize and hf_greedy_batch1:
-            int8_rate = time_int8(name, args, ours_greedy_batch1, hf_greedy_batch1)
+            int8_rate = time_int8(model, args, greedy_batch1, ours_greedy_batch1, hf_greedy_batch1)
         if args.peer and hf_greedy_batch1:
             time_llama_cpp(model, args, ours_greedy_batch1, int8_rate)
     print("\ngreedy outputs identical to transformers': yes (asserted)")
