@@ -26,7 +26,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from chat import add_chat_tokens
-from files import CheckpointError, atomic_write, file_sha256, remove_stale_writes, replace_directory
+from files import (CheckpointError, atomic_path, atomic_write, file_sha256, remove_stale_writes, replace_directory,
+                   writing)
 from lora import add_lora, grow_vocab, load_adapter_tensors
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer, special_tokens_path
@@ -120,28 +121,39 @@ def checkpoint_dir(out_dir, kind):
 def save_checkpoint(out_dir, kind, model, optimizer, info, adapter=None):
     """Write out_dir/<kind>/ whole or not at all: into a temporary directory, then swapped in by renames.
     The model goes to model.safetensors; or, given an adapter (a dict of tensors: finetune.py's LoRA weights),
-    only the adapter goes, to adapter.safetensors. optimizer None: a checkpoint to sample from, not to resume."""
+    only the adapter goes, to adapter.safetensors. optimizer None: a checkpoint to sample from, not to resume.
+    A write that fails (a full disk) is one files.WriteError, and the checkpoint on disk stays as it was."""
     tmp = tempfile.mkdtemp(dir=out_dir, prefix=f".{kind}.tmp")
+    final = os.path.join(out_dir, kind)
+    kept = (f"The {kind}/ checkpoint already there is kept as it was: free some space, then continue with "
+            "--init_from=resume" if os.path.isdir(checkpoint_dir(out_dir, kind)) else
+            "Free some space and run again")
     try:
-        if adapter is None:
-            save_model(model, os.path.join(tmp, "model.safetensors"))
-        else:
-            save_file(adapter, os.path.join(tmp, "adapter.safetensors"))
-        ranks = info.get("rng_ranks") or [rng_state()]  # under DDP: every process's, each resumes from its own
-        optimizer_state = info.get("optimizer_state") or (optimizer.state_dict() if optimizer is not None else {})
-        torch.save({"optimizer": optimizer_state,
-                    "iter_num": info["iter_num"], "best_val_loss": info["best_val_loss"],
-                    "tokens_seen": info["tokens_seen"], "max_iters": info.get("max_iters"),
-                    "elapsed": info.get("elapsed"),
-                    "rng_cpu_ranks": [cpu for cpu, _ in ranks], "rng_cuda_ranks": [cuda for _, cuda in ranks],
-                    "scaler": info.get("scaler", {})},
-                   os.path.join(tmp, "state.pt"))
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(info["config"], f, indent=1)
-        replace_directory(tmp, os.path.join(out_dir, kind))
+        with writing(final, kept):
+            write_checkpoint(tmp, model, optimizer, info, adapter)
+        replace_directory(tmp, final)
     except BaseException:  # an error or a second Ctrl-C: no stray temporary checkpoint is left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_checkpoint(tmp, model, optimizer, info, adapter):
+    """save_checkpoint's files, into the directory tmp."""
+    if adapter is None:
+        save_model(model, os.path.join(tmp, "model.safetensors"))
+    else:
+        save_file(adapter, os.path.join(tmp, "adapter.safetensors"))
+    ranks = info.get("rng_ranks") or [rng_state()]  # under DDP: every process's, each resumes from its own
+    optimizer_state = info.get("optimizer_state") or (optimizer.state_dict() if optimizer is not None else {})
+    torch.save({"optimizer": optimizer_state,
+                "iter_num": info["iter_num"], "best_val_loss": info["best_val_loss"],
+                "tokens_seen": info["tokens_seen"], "max_iters": info.get("max_iters"),
+                "elapsed": info.get("elapsed"),
+                "rng_cpu_ranks": [cpu for cpu, _ in ranks], "rng_cuda_ranks": [cuda for _, cuda in ranks],
+                "scaler": info.get("scaler", {})},
+               os.path.join(tmp, "state.pt"))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(info["config"], f, indent=1)
 
 
 def seconds_to_save(out_dir, model, optimizer, info, adapter=None):
@@ -333,7 +345,10 @@ def load_adapter(path, device="cpu", base_dir=None, base_which=None):
 # --- the run's log and its loss curve ------------------------------------------------------------------------
 
 def append_log(out_dir, record):
-    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+    """One line more in out_dir/log.jsonl (a line a full disk cuts short is skipped when read back)."""
+    path = os.path.join(out_dir, "log.jsonl")
+    with writing(path, "The records before this one are kept: free some space, then continue with "
+                       "--init_from=resume"), open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
@@ -381,7 +396,6 @@ def plot_loss_curve(out_dir):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = os.path.join(out_dir, ".loss.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(os.path.join(out_dir, "loss.png")) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, os.path.join(out_dir, "loss.png"))

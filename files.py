@@ -8,6 +8,7 @@ the line, and writes that a reader (or a crash) never sees half done.
         ...
 """
 import contextlib
+import errno
 import gzip
 import hashlib
 import os
@@ -24,6 +25,11 @@ class DataError(ValueError):
 class CheckpointError(ValueError):
     """A checkpoint that is missing, damaged, or of another model, tokenizer or base: one line that names the
     file and says what to do."""
+
+
+class WriteError(OSError):
+    """A file that could not be written -- a full disk, a quota, a file-size limit --: one line that names
+    it, the space left on its disk, and what was kept."""
 
 
 # --- reading ---------------------------------------------------------------------------------------------
@@ -72,6 +78,51 @@ def current_umask() -> int:
     return umask
 
 
+def human_bytes(n: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:,} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+
+
+@contextlib.contextmanager
+def writing(path: str, kept: str):
+    """Around the writes of path (a file or a directory): an error raised by them becomes one WriteError that
+    names path, the reason, the space left on its disk, and `kept` -- what is still there and what to do.
+    The libraries say a full disk each their own way: OSError (numpy, open files), a RuntimeError "unexpected
+    pos" (torch.save), SafetensorError (a RuntimeError-like Exception); a KeyboardInterrupt passes through.
+
+        with writing("out/run/last", "the previous checkpoint is kept: free some space, then resume"):
+            save(...)
+    """
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as e:
+        if not isinstance(e, (OSError, RuntimeError)) and type(e).__name__ != "SafetensorError":
+            raise
+        said = re.search(r"os error (\d+)", str(e))  # safetensors (Rust) puts the errno in its message
+        code = e.errno if isinstance(e, OSError) else int(said.group(1)) if said else None
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            reason = "no space left on the disk"
+        elif code == errno.EFBIG:
+            reason = "the file is larger than this system allows (a file-size limit: ulimit -f)"
+        elif code is not None:
+            reason = os.strerror(code).lower()
+        elif isinstance(e, OSError) or "unexpected pos" in str(e):  # numpy's, torch.save's short writes
+            reason = f"the write was cut short ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        else:
+            raise
+        where = os.path.dirname(os.path.abspath(path))
+        while not os.path.isdir(where):
+            where = os.path.dirname(where)
+        free = shutil.disk_usage(where).free
+        if reason.startswith("the write was cut short") and free < 1 << 20:
+            reason = "no space left on the disk"
+        raise WriteError(f"could not write {path}: {reason} ({human_bytes(free)} free there). {kept}") from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str):
     """A temporary file name beside path, for a writer that wants a name rather than bytes: the file is renamed
@@ -85,7 +136,8 @@ def atomic_path(path: str):
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
     os.close(fd)
     try:
-        yield tmp
+        with writing(path, f"{os.path.basename(path)} is as it was before: free some space and try again"):
+            yield tmp
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the permissions open() would
         os.replace(tmp, path)
     except BaseException:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from corpus import (SUFFIXES, DownloadError, check_hub_reachable, clean, file_kind, read_file, read_tinystories,
                     read_txt, val_mask)
 from data import HEADER_BYTES, TokenDataset, read_header, token_dtype_for, write_header
-from files import DataError, atomic_write, remove_stale_writes
+from files import DataError, atomic_path, atomic_write, remove_stale_writes, writing
 from tokenizer import EOT, Tokenizer, special_tokens_path
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -204,20 +204,25 @@ class Output:
         return state["vocab_size"] is None or os.path.isfile(self.tmp_vocab)
 
     def finish(self, meta: dict, trained: bool) -> None:
-        """Swap the new files in. The old meta.json goes first, so a crash half-way leaves a directory that
-        TokenDataset refuses (no meta.json) rather than one that mixes two runs."""
+        """Swap the new files in. The new meta.json is written first (the last write that needs space: a full
+        disk stops the run before anything is swapped), then the old one goes, so a crash half-way leaves a
+        directory that TokenDataset refuses (no meta.json) rather than one that mixes two runs; the new one
+        is renamed in last."""
         meta_path = os.path.join(self.dir, "meta.json")
-        if os.path.exists(meta_path):
-            os.remove(meta_path)
-        vocab = os.path.join(self.dir, "tokenizer.tiktoken")
-        for tmp, final in ((self.tmp_vocab, vocab), (special_tokens_path(self.tmp_vocab), special_tokens_path(vocab))):
-            if trained:
-                os.replace(tmp, final)
-            elif os.path.exists(final):  # an earlier run's vocabulary, which these files do not use
-                os.remove(final)
-        for split in SPLITS:
-            os.replace(self.bin_path(split, tmp=True), self.bin_path(split))
-        atomic_write(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
+        with atomic_path(meta_path) as new_meta:
+            with open(new_meta, "w") as f:
+                f.write(json.dumps(meta, indent=1) + "\n")
+            if os.path.exists(meta_path):
+                os.remove(meta_path)
+            vocab = os.path.join(self.dir, "tokenizer.tiktoken")
+            for tmp, final in ((self.tmp_vocab, vocab),
+                               (special_tokens_path(self.tmp_vocab), special_tokens_path(vocab))):
+                if trained:
+                    os.replace(tmp, final)
+                elif os.path.exists(final):  # an earlier run's vocabulary, which these files do not use
+                    os.remove(final)
+            for split in SPLITS:
+                os.replace(self.bin_path(split, tmp=True), self.bin_path(split))
         os.remove(self.state_path)
 
 # -----------------------------------------------------------------------------
@@ -373,9 +378,12 @@ def prepare(args) -> str:
     os.makedirs(out.dir, exist_ok=True)
     remove_stale_writes(out.dir)  # of a run killed in the middle of an atomic write
     passes = make_passes(args)
+    kept = (f"What {out.dir} held before is as it was, and this run's progress is saved: free some space, "
+            "then run the same command again to continue")
     try:
-        tok, state = start_or_resume(args, out, passes)
-        tokenize_passes(tok, state, out, passes, args)
+        with writing(out.dir, kept):
+            tok, state = start_or_resume(args, out, passes)
+            tokenize_passes(tok, state, out, passes, args)
         if state["splits"]["train"]["documents"] == 0:
             raise empty_corpus(args)
         if state["splits"]["val"]["documents"] == 0 and (args.val_input or args.val_fraction > 0):
@@ -393,9 +401,9 @@ def prepare(args) -> str:
         if created and not os.listdir(out.dir):
             os.rmdir(out.dir)
         raise
-    write_headers(state, out)
-    meta = make_meta(tok, state, args)
-    out.finish(meta, trained=args.vocab_size is not None)
+    with writing(out.dir, kept):
+        write_headers(state, out)
+        out.finish(make_meta(tok, state, args), trained=args.vocab_size is not None)
     return out.dir
 
 
@@ -420,7 +428,7 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     try:
         out_dir = prepare(args)
-    except DataError as e:
+    except (DataError, OSError) as e:  # OSError: files.WriteError, a full disk
         sys.exit(f"error: {e}")
     print(summary(out_dir))
 

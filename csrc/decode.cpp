@@ -16,6 +16,7 @@
 #include <new>
 #include <stdexcept>
 #include <system_error>
+#include <cfloat>
 #include <climits>
 #include <thread>
 
@@ -332,18 +333,18 @@ NSLM_INLINE void attend(int hs, float* q, const float* k, const float* v, float*
     }
 }
 
-// The int8 kernels (decode_int8.h), once for each instruction set, each with its own conversion of L int8
-// weights to L floats. GCC 12 lowers the vector extensions' int8 -> float conversion to one scalar
-// conversion a lane (measured: 8 movsbl + 8 vpinsrd for 8 weights), so the x86 builds use the one instruction
-// (vpmovsxbd, then vcvtdq2ps) through intrinsics; those need their target, hence the #pragma regions, which
-// compile everything in them for it. (Clang lowers the plain conversion well and takes it everywhere.)
+// The int8 kernels (decode_int8.h): a plain build, and one for AVX2 (which the AVX-512 variant uses too: the
+// products of int8 pairs are AVX2 instructions, and the 512-bit ones with VNNI are not built yet). Each
+// defines how a row of int8 weights meets a group of int8 inputs.
 namespace int8_baseline {
-template <int L>
-NSLM_INLINE vec<L> load_int8(const int8_t* p) {
-    float lanes[L];
-    for (int j = 0; j < L; ++j) lanes[j] = float(p[j]);
-    return load<L>(lanes);
+using Acc = float;
+template <int G>
+NSLM_INLINE void add_group(Acc& acc, const int8_t* q, const int8_t* x, int i, float scale) {
+    int32_t dot = 0;
+    for (int j = i; j < i + G; ++j) dot += int32_t(q[j]) * int32_t(x[j]);
+    acc += scale * float(dot);
 }
+NSLM_INLINE float sum_acc(Acc a) { return a; }
 #include "decode_int8.h"
 }  // namespace int8_baseline
 
@@ -355,38 +356,33 @@ NSLM_INLINE vec<L> load_int8(const int8_t* p) {
 #pragma GCC target("avx2,fma")
 #endif
 namespace int8_avx2 {
-template <int L>
-NSLM_INLINE vec<L> load_int8(const int8_t* p) {
-    static_assert(L == 8, "AVX2: 8 floats a register");
-    __m128i bytes;
-    std::memcpy(&bytes, p, 8);  // the low 8 bytes of an xmm register (vmovq), no read past p + 8
-    return reinterpret_cast<vec<8>>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)));
+using Acc = __m256;  // 8 float partial sums
+// 32 inputs at a time, as llama.cpp does: vpmaddubsw multiplies unsigned by signed bytes, so it takes |x| and
+// the weights with x's signs; the pairs' sums fit int16 (2 * 127 * 127), vpmaddwd adds them to 8 int32s.
+template <int G>
+NSLM_INLINE void add_group(Acc& acc, const int8_t* q, const int8_t* x, int i, float scale) {
+    static_assert(G % 32 == 0, "a group is whole 32-byte registers");
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i dot = _mm256_setzero_si256();
+    NSLM_UNROLL
+    for (int h = 0; h < G; h += 32) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i + h));
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i + h));
+        const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(wv, xv));
+        dot = _mm256_add_epi32(dot, _mm256_madd_epi16(pairs, ones));
+    }
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale), acc);
+}
+NSLM_INLINE float sum_acc(Acc a) {
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
 }
 #include "decode_int8.h"
 }  // namespace int8_avx2
 #if defined(__clang__)
 #pragma clang attribute pop
-#pragma clang attribute push(__attribute__((target("avx512f,fma"))), apply_to = function)
 #else
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx512f,fma")
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on its own avx512fintrin.h (_mm512_undefined)
-#endif
-namespace int8_avx512 {
-template <int L>
-NSLM_INLINE vec<L> load_int8(const int8_t* p) {
-    static_assert(L == 16, "AVX-512: 16 floats a register");
-    return reinterpret_cast<vec<16>>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-        reinterpret_cast<const __m128i*>(p)))));
-}
-#include "decode_int8.h"
-}  // namespace int8_avx512
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC diagnostic pop
 #pragma GCC pop_options
 #endif
 #endif
@@ -397,19 +393,19 @@ NSLM_INLINE vec<L> load_int8(const int8_t* p) {
 #define NSLM_ATTEND_ARGS int hs, float *q, const float *k, const float *v, float *k_cache, float *v_cache, int pos, \
                          float *scores, float *out
 #define NSLM_INT8_ARGS const int8_t *Q, const float *scales, int group, const float *bias, const float *X, \
-                       float *Y, int B, int n_in, int n_out, int r0, int r1
-#define NSLM_KERNELS(suffix, target, L)                                                                   \
+                       float *Y, int B, int n_in, int n_out, int r0, int r1, int8_t *Xq, float *Xs
+#define NSLM_KERNELS(suffix, target, L, int8)                                                             \
     target void matvec_rows_##suffix(NSLM_MATVEC_ARGS) { matvec_rows<L>(W, bias, X, Y, B, n_in, n_out, r0, r1); } \
     target void matvec_rows_int8_##suffix(NSLM_INT8_ARGS) {                                               \
-        int8_##suffix::matvec_rows_int8<L>(Q, scales, group, bias, X, Y, B, n_in, n_out, r0, r1);         \
+        int8::matvec_rows_int8(Q, scales, group, bias, X, Y, B, n_in, n_out, r0, r1, Xq, Xs);             \
     }                                                                                                     \
     target void attend_##suffix(NSLM_ATTEND_ARGS) { attend<L>(hs, q, k, v, k_cache, v_cache, pos, scores, out); }
 
-NSLM_KERNELS(baseline, , 8)
+NSLM_KERNELS(baseline, , 8, int8_baseline)
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(NSLM_PORTABLE_VECTORS)
 #define NSLM_X86_VARIANTS
-NSLM_KERNELS(avx2, __attribute__((target("avx2,fma"))), 8)
-NSLM_KERNELS(avx512, __attribute__((target("avx512f,fma"))), 16)
+NSLM_KERNELS(avx2, __attribute__((target("avx2,fma"))), 8, int8_avx2)
+NSLM_KERNELS(avx512, __attribute__((target("avx512f,fma"))), 16, int8_avx2)
 #endif
 
 struct Kernels {
@@ -525,9 +521,10 @@ void decode_step(const DecoderConfig& c, const DecoderWeights& w, const int64_t*
         fc_out(size_t(B) * fc_rows), mlp_out(size_t(B) * C);
     const Kernels& kernels = kernels_for(isa);
     // rows [r0, r1) of Y = W X + bias, for the (B, n_in) inputs X: W fp32 or int8 (decode.h: Matrix)
+    // (int8: X quantised first, into this thread's Xq and Xs)
     auto matvec = [&](const Matrix& W, const float* bias, const float* X, float* Y, int n_in, int n_out, int r0,
-                      int r1) {
-        if (W.q) kernels.matvec_rows_int8(W.q, W.scales, c.group, bias, X, Y, B, n_in, n_out, r0, r1);
+                      int r1, int8_t* Xq, float* Xs) {
+        if (W.q) kernels.matvec_rows_int8(W.q, W.scales, c.group, bias, X, Y, B, n_in, n_out, r0, r1, Xq, Xs);
         else kernels.matvec_rows(W.w, bias, X, Y, B, n_in, n_out, r0, r1);
     };
     WorkerPool* pool = n_threads > 1 ? &WorkerPool::get(n_threads) : nullptr;
@@ -537,6 +534,9 @@ void decode_step(const DecoderConfig& c, const DecoderWeights& w, const int64_t*
     auto run = [&](int tid) {
         // Private: the residual stream and the vectors derived from it, identical in every thread.
         std::vector<float> x(size_t(B) * C), xn(size_t(B) * C), act(size_t(B) * H), scores(pos + 1);
+        const int widest = std::max(C, H);  // the longest input of a matrix-vector product
+        std::vector<int8_t> xq(c.group ? size_t(B) * widest : 0);
+        std::vector<float> xs(c.group ? size_t(B) * ((widest + c.group - 1) / c.group) : 0);
         for (int b = 0; b < B; ++b) {
             const size_t row = size_t(tokens[b]);
             const int n_groups = c.group ? (C + c.group - 1) / c.group : 0;
@@ -549,7 +549,7 @@ void decode_step(const DecoderConfig& c, const DecoderWeights& w, const int64_t*
         for (const DecoderLayer& L : w.layers) {
             norm(c, x.data(), L.ln_1_weight, L.ln_1_bias, xn.data());
             auto [q0, q1] = share(3 * C, tid, n_threads);
-            matvec(L.attn_weight, L.attn_bias, xn.data(), qkv.data(), C, 3 * C, q0, q1);
+            matvec(L.attn_weight, L.attn_bias, xn.data(), qkv.data(), C, 3 * C, q0, q1, xq.data(), xs.data());
             barrier.wait();
             for (int task = tid; task < B * c.n_head; task += n_threads) {
                 const int b = task / c.n_head, h = task % c.n_head;
@@ -571,12 +571,13 @@ void decode_step(const DecoderConfig& c, const DecoderWeights& w, const int64_t*
             }
             barrier.wait();
             auto [p0, p1] = share(C, tid, n_threads);
-            matvec(L.attn_proj_weight, L.attn_proj_bias, heads.data(), attn_out.data(), C, C, p0, p1);
+            matvec(L.attn_proj_weight, L.attn_proj_bias, heads.data(), attn_out.data(), C, C, p0, p1, xq.data(),
+                   xs.data());
             barrier.wait();
             for (size_t i = 0; i < x.size(); ++i) x[i] += attn_out[i];
             norm(c, x.data(), L.ln_2_weight, L.ln_2_bias, xn.data());
             auto [f0, f1] = share(fc_rows, tid, n_threads);
-            matvec(L.fc_weight, L.fc_bias, xn.data(), fc_out.data(), C, fc_rows, f0, f1);
+            matvec(L.fc_weight, L.fc_bias, xn.data(), fc_out.data(), C, fc_rows, f0, f1, xq.data(), xs.data());
             barrier.wait();
             for (int b = 0; b < B; ++b) {
                 const float* h = fc_out.data() + size_t(b) * fc_rows;
@@ -585,13 +586,14 @@ void decode_step(const DecoderConfig& c, const DecoderWeights& w, const int64_t*
                 else if (c.relu2) for (int i = 0; i < H; ++i) a[i] = h[i] > 0.0f ? h[i] * h[i] : 0.0f;
                 else for (int i = 0; i < H; ++i) a[i] = gelu_tanh(h[i]);
             }
-            matvec(L.mlp_proj_weight, L.mlp_proj_bias, act.data(), mlp_out.data(), H, C, p0, p1);
+            matvec(L.mlp_proj_weight, L.mlp_proj_bias, act.data(), mlp_out.data(), H, C, p0, p1, xq.data(),
+                   xs.data());
             barrier.wait();
             for (size_t i = 0; i < x.size(); ++i) x[i] += mlp_out[i];
         }
         norm(c, x.data(), w.ln_f_weight, w.ln_f_bias, xn.data());
         auto [v0, v1] = share(V, tid, n_threads);
-        matvec(w.lm_head, nullptr, xn.data(), logits, C, V, v0, v1);
+        matvec(w.lm_head, nullptr, xn.data(), logits, C, V, v0, v1, xq.data(), xs.data());
     };
 
     if (n_threads == 1) run(0);

@@ -1,8 +1,9 @@
 // One decoding step of model.py's GPT on the CPU, in one call: B sequences each take one new token, against
 // the key/value caches that the PyTorch prefill filled. The same math as GPT.hidden_states + lm_head, with
 // none of the per-operation overhead that dominates a small model's step in eager PyTorch. The weights of the
-// matrix-vector products are fp32, or int8 with a scale per group of inputs (quantize.py), which the kernels
-// multiply out as they read: activations, norms, attention and the caches stay fp32.
+// matrix-vector products are fp32, or int8 with a scale per group of inputs (quantize.py), whose kernels
+// quantise each input vector the same way and multiply int8 by int8: norms, attention, the residual stream
+// and the caches stay fp32.
 #pragma once
 
 #include <cstddef>
