@@ -29,7 +29,7 @@ import torch
 from chat import IM_END, jinja_template
 from checkpoint import load_run
 from configurator import configure, settings_of
-from files import replace_directory
+from files import replace_directory, writing
 from gguf_file import GGUF_TYPES, write_gguf
 from lora import merge_lora
 from tokenizer import EOT, Tokenizer, byte_level_alphabet, byte_level_string, merges_of
@@ -193,8 +193,9 @@ def export_hf(model, tok: Tokenizer, dest_dir: str, run_dir=None):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(dest_dir)}.tmp")
     try:
-        hf_model.save_pretrained(tmp, safe_serialization=True)
-        hf_tok.save_pretrained(tmp)
+        with writing(dest_dir, "Nothing there was changed: free some space and export again"):
+            hf_model.save_pretrained(tmp, safe_serialization=True)
+            hf_tok.save_pretrained(tmp)
         replace_directory(tmp, dest_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

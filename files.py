@@ -136,7 +136,8 @@ def atomic_path(path: str):
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
     os.close(fd)
     try:
-        with writing(path, f"{os.path.basename(path)} is as it was before: free some space and try again"):
+        kept = f"{os.path.basename(path)} is as it was" if os.path.exists(path) else "Nothing was written"
+        with writing(path, f"{kept}: free some space and try again"):
             yield tmp
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the permissions open() would
         os.replace(tmp, path)

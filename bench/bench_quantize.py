@@ -6,8 +6,9 @@ greedy tokens the int8 C++ step generates that equal the fp32 step's, after prom
     python bench/bench_quantize.py                                         # out/quickstart
     python bench/bench_quantize.py --out_dir=out/int8_15M --prompts=50 --new_tokens=64
 
-The int8 bits/byte is the fp32 model's evaluation on the dequantised weights, which is what the int8 step
-computes (tests/test_quantize.py holds them equal to 1e-5); the greedy tokens come from the C++ step itself.
+The int8 bits/byte is the fp32 model's evaluation on the dequantised weights with each matrix's input rounded
+to int8 as the step rounds it (quantize.py), which is what the int8 step computes (tests/test_quantize.py
+holds them equal to 1e-5); the greedy tokens come from the C++ step itself.
 """
 import argparse
 import os
