@@ -3,6 +3,7 @@
 #   make test         # venv + locked dependencies + native build, then the test suite (what CI runs)
 #   make notebook     # the same, plus JupyterLab, opened on notebooks/walkthrough.ipynb
 #   make llama        # llama.cpp's Python binding (built from source: minutes), for the GGUF checks and bench
+#   make fuzz         # the native entry points fuzzed under ASan + UBSan (build/fuzz/), FUZZ_SECONDS per harness
 # and the one way versions move forward, on purpose:
 #   make lock         # resolve requirements*.txt afresh in a scratch venv -> requirements.lock; then make test
 PYTHON ?= python3
@@ -21,7 +22,7 @@ PIP_LOCKED := $(PY) -m pip install -q -c $(LOCK)
 # The CPU build of torch; override with your platform's CPU wheel if needed.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: quickstart test build lock notebook llama
+.PHONY: quickstart test build lock notebook llama fuzz
 
 quickstart: $(BUILT)
 	$(PY) prepare.py --dataset=bundled --vocab_size=4096
@@ -67,6 +68,13 @@ $(LLAMA_INSTALLED): $(INSTALLED) bench/requirements-llama.txt $(LOCK)
 $(BUILT): $(INSTALLED) setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(PIP_LOCKED) --no-build-isolation -e .
 	touch $@
+
+# fuzz/run.sh builds the extension again with AddressSanitizer + UndefinedBehaviorSanitizer (and libFuzzer's
+# coverage, with clang) into build/fuzz/, leaving the normal build alone, then runs each atheris harness
+# fuzz/fuzz_*.py for FUZZ_SECONDS; it fails on any crash, sanitizer report or hang (inputs: fuzz/findings/).
+FUZZ_SECONDS ?= 600
+fuzz: $(DEV_INSTALLED)
+	FUZZ_SECONDS=$(FUZZ_SECONDS) PY=$(PY) fuzz/run.sh
 
 # A fresh resolution of the ranges in requirements*.txt, in a scratch venv, written as exact pins.
 # Review the diff of requirements.lock, run `make test` (it reinstalls), and commit both together.

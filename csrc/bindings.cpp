@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <limits>
 #include <thread>
 
 #include "bpe.h"
@@ -84,8 +85,8 @@ void gather_checked(py::array data, Offsets offsets, int64_t block_size, py::arr
     const int64_t* o = offsets.data();
     for (int64_t b = 0; b < batch_size; ++b)
         if (o[b] < 0 || o[b] > n - block_size - 1)  // not o[b] + block_size + 1 > n, which can overflow
-            throw std::out_of_range("offset " + std::to_string(o[b]) + " leaves no room for block_size + 1 = " +
-                                    std::to_string(block_size + 1) + " tokens in " + std::to_string(n));
+            throw std::out_of_range("offset " + std::to_string(o[b]) + " leaves no room for block_size " +
+                                    std::to_string(block_size) + " + 1 tokens in " + std::to_string(n));
     auto check_out = [&](py::array& a, const char* name) {
         if (!a.dtype().is(py::dtype::of<int64_t>()) || a.ndim() != 2 || a.shape(0) != batch_size ||
             a.shape(1) != block_size || !(a.flags() & py::array::c_style) || !a.writeable())
@@ -109,13 +110,17 @@ class PyDecoder {
         // more threads than the machine runs at once would leave spinning threads waiting on descheduled ones
         : n_threads_(std::clamp(n_threads, 1, std::max(1, int(std::thread::hardware_concurrency())))),
           isa_(resolve_instruction_set(isa)) {
-        auto get = [&](const char* key) { return config[key].cast<int>(); };
+        auto required = [&](const char* key) -> py::object {
+            if (!config.contains(key)) throw std::invalid_argument(std::string("the decoder's config has no ") + key);
+            return config[key];
+        };
+        auto get = [&](const char* key) { return required(key).cast<int>(); };
+        auto flag = [&](const char* key) { return required(key).cast<bool>(); };
         c_ = DecoderConfig{get("n_layer"), get("n_head"), get("n_embd"), get("hidden"), get("vocab_size"),
-                           get("block_size"), get("batch_size"), config["rmsnorm"].cast<bool>(),
-                           config["swiglu"].cast<bool>(), config["rope"].cast<bool>(), config["eps"].cast<float>(),
-                           config.contains("relu2") && config["relu2"].cast<bool>(),
-                           config.contains("qk_norm") && config["qk_norm"].cast<bool>(),
-                           config.contains("group") ? config["group"].cast<int>() : 0};
+                           get("block_size"), get("batch_size"), flag("rmsnorm"), flag("swiglu"), flag("rope"),
+                           required("eps").cast<float>(), config.contains("relu2") && flag("relu2"),
+                           config.contains("qk_norm") && flag("qk_norm"),
+                           config.contains("group") ? get("group") : 0};
         if (c_.group != 0 && c_.group != 32 && c_.group != 64)
             throw std::invalid_argument("group must be 0 (fp32 weights), 32 or 64 (int8 weights), not " +
                                         std::to_string(c_.group));
@@ -124,6 +129,21 @@ class PyDecoder {
             c_.vocab_size < 1 || c_.block_size < 1 || c_.batch_size < 1)
             throw std::invalid_argument("the decoder's config has a size that is not positive, or n_embd is not a "
                                         "multiple of n_head");
+        // The step indexes with int: every product of sizes it forms must fit one (2 * hidden for swiglu's fc rows,
+        // 3 * n_embd * n_embd, vocab_size * n_embd, batch_size * block_size * n_embd for a cache, ...). The sizes
+        // are positive ints, so a product checked factor by factor never leaves int64 on the way.
+        auto fits_int = [](std::initializer_list<int64_t> factors) {
+            int64_t product = 1;
+            for (int64_t f : factors)
+                if ((product *= f) > std::numeric_limits<int>::max()) return false;
+            return true;
+        };
+        const int64_t widest_out = std::max({3 * int64_t(c_.n_embd), 2 * int64_t(c_.hidden), int64_t(c_.vocab_size)});
+        if (!fits_int({c_.swiglu ? 2 : 1, c_.hidden, c_.n_embd}) || !fits_int({3, c_.n_embd, c_.n_embd}) ||
+            !fits_int({c_.vocab_size, c_.n_embd}) || !fits_int({c_.batch_size, c_.block_size, c_.n_embd}) ||
+            !fits_int({c_.batch_size, widest_out}))
+            throw std::invalid_argument("the decoder's config is too large: a product of its sizes does not fit a "
+                                        "32-bit index");
         if (c_.rope && (c_.n_embd / c_.n_head) % 2)
             throw std::invalid_argument("rotary positions need an even head size");
         const int C = c_.n_embd, V = c_.vocab_size, H = c_.hidden, T = c_.block_size, hs = C / c_.n_head;
@@ -276,6 +296,10 @@ PYBIND11_MODULE(_nanoslm, m) {
         .def("encode_to_array", [](const Encoder& enc, const py::list& texts, const std::vector<std::string>& allowed,
                                    int num_threads, int64_t append_id) {
             // All texts' ids concatenated into one uint32 array, append_id (if >= 0) after each text.
+            if (append_id >= int64_t(enc.n_vocab()))  // not a token: a uint32 would also wrap it silently
+                throw std::invalid_argument("append_id " + std::to_string(append_id) +
+                                            " is not in the vocabulary (n_vocab " + std::to_string(enc.n_vocab()) +
+                                            "); pass -1 to append nothing");
             py::tuple held;
             std::vector<std::string_view> views = utf8_views(texts, &held);
             std::vector<std::vector<Rank>> results;

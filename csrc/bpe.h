@@ -129,7 +129,6 @@ class Encoder {
     std::string decode_bytes(const std::vector<Rank>& ids) const;
 
     size_t n_vocab() const { return n_vocab_; }
-    const std::vector<std::string>& token_bytes() const { return token_bytes_; }
 
   private:
     void encode_piece(std::string_view piece, std::vector<Rank>* out) const;
@@ -137,8 +136,12 @@ class Encoder {
     void merge_long_piece(std::string_view piece, std::vector<Rank>* out) const;
     Rank piece_rank(std::string_view piece) const;
     Rank pair_rank(Rank left, Rank right) const;
+    const std::string* bytes_of(Rank id) const;  // null for an unused id
 
-    std::vector<std::string> token_bytes_;  // rank -> bytes, specials included
+    std::vector<std::string> token_bytes_;  // rank -> bytes of the ordinary tokens
+    // Special tokens' bytes by id, apart: an id far past the ordinary ranks (say 2**31 - 1) is then one entry,
+    // not a table of 2**31 empty strings (64 GB).
+    std::unordered_map<Rank, std::string> special_bytes_;
     size_t n_vocab_ = 0;
     Rank byte_rank_[256];
     // Open-addressing hash tables (power-of-two sizes, linear probing): piece bytes -> rank, and

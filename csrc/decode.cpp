@@ -513,8 +513,10 @@ std::string resolve_instruction_set(const std::string& isa) { return kernels_for
 
 void decode_step(const DecoderConfig& c, const DecoderWeights& w, const int64_t* tokens, int pos, float* logits,
                  int n_threads, const std::string& isa) {
-    const int B = c.batch_size, C = c.n_embd, H = c.hidden, V = c.vocab_size;
+    const int B = c.batch_size, C = c.n_embd, V = c.vocab_size;
     const int hs = C / c.n_head;
+    // without layers there is no MLP: hidden is then checked against no weight, so nothing is sized by it
+    const int H = c.n_layer ? c.hidden : 0;
     const int fc_rows = c.swiglu ? 2 * H : H;
     // Shared: the outputs of the matrix-vector products, each row written by one thread.
     std::vector<float> qkv(size_t(B) * 3 * C), heads(size_t(B) * C), attn_out(size_t(B) * C),

@@ -98,10 +98,17 @@ Encoder::Encoder(std::vector<std::string> token_bytes,
         if (id == kNoRank) throw std::invalid_argument("special token id " + std::to_string(id) + " is reserved");
         if (id < num_ordinary && !token_bytes_[id].empty())
             throw std::invalid_argument("special token id " + std::to_string(id) + " is already an ordinary token");
+        auto [given, first] = special_bytes_.emplace(id, text);
+        if (!first && given->second != text)  // encode would emit id for one, decode give the other's text
+            throw std::invalid_argument("special token id " + std::to_string(id) + " is given to two tokens");
         n_vocab_ = std::max<size_t>(n_vocab_, size_t(id) + 1);
     }
-    token_bytes_.resize(n_vocab_);
-    for (auto& [text, id] : special_tokens_) token_bytes_[id] = text;
+}
+
+const std::string* Encoder::bytes_of(Rank id) const {
+    if (id < token_bytes_.size() && !token_bytes_[id].empty()) return &token_bytes_[id];
+    auto found = special_bytes_.find(id);
+    return found == special_bytes_.end() ? nullptr : &found->second;
 }
 
 Rank Encoder::piece_rank(std::string_view piece) const {
@@ -225,14 +232,15 @@ void Encoder::encode(std::string_view text, const std::vector<std::string>& allo
 std::string Encoder::decode_bytes(const std::vector<Rank>& ids) const {
     size_t total = 0;
     for (Rank id : ids) {
-        if (id >= n_vocab_ || (token_bytes_[id].empty()))
+        const std::string* token = bytes_of(id);
+        if (!token)
             throw std::out_of_range("token id " + std::to_string(id) + " is not in the vocabulary (n_vocab " +
                                     std::to_string(n_vocab_) + ")");
-        total += token_bytes_[id].size();
+        total += token->size();
     }
     std::string bytes;
     bytes.reserve(total);
-    for (Rank id : ids) bytes += token_bytes_[id];
+    for (Rank id : ids) bytes += *bytes_of(id);
     return bytes;
 }
 
