@@ -15,7 +15,11 @@ PY=${PY:-.venv/bin/python}
 FUZZ_SECONDS=${FUZZ_SECONDS:-600}
 FUZZ_HANG=${FUZZ_HANG:-20}
 BUILD=build/fuzz
-SITE=$($PY -c "import atheris; print(atheris.path())")
+SITE=$($PY -c "import atheris; print(atheris.path())" 2>/dev/null) || {
+    echo "fuzz: $PY cannot import atheris: it installs (make test) on Linux x86-64 with Python <= 3.11;" \
+         "elsewhere: pip install atheris==2.3.0, which builds from source with clang and libFuzzer" >&2
+    exit 2
+}
 
 # --- the sanitizer build ----------------------------------------------------------------------------------
 # (setup.py's own -O3 comes after these flags, so it is the level the sanitized code is built at.)
