@@ -333,9 +333,9 @@ NSLM_INLINE void attend(int hs, float* q, const float* k, const float* v, float*
     }
 }
 
-// The int8 kernels (decode_int8.h): a plain build, and one for AVX2 (which the AVX-512 variant uses too: the
-// products of int8 pairs are AVX2 instructions, and the 512-bit ones with VNNI are not built yet). Each
-// defines how a row of int8 weights meets a group of int8 inputs.
+// The int8 kernels (decode_int8.h): a plain build, one for AVX2 (which plain AVX-512 uses too: its products of
+// int8 pairs are AVX2 instructions), and one for AVX-512 VNNI. Each defines how a row of int8 weights meets a
+// group of int8 inputs.
 namespace int8_baseline {
 using Acc = float;
 template <int G>
@@ -382,6 +382,34 @@ NSLM_INLINE float sum_acc(Acc a) {
 }  // namespace int8_avx2
 #if defined(__clang__)
 #pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx2,fma,avx512f,avx512vl,avx512vnni"))), apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avx512f,avx512vl,avx512vnni")
+#endif
+namespace int8_vnni {
+using Acc = __m256;
+// AVX2's group product with VNNI's vpdpbusd, which multiplies the same unsigned-by-signed byte pairs and adds
+// each four into an int32 lane in one instruction (vpmaddubsw + vpmaddwd + vpaddd above). On 256-bit
+// registers (AVX512VL), so that a group of 32 stays one register and its scale one broadcast.
+template <int G>
+NSLM_INLINE void add_group(Acc& acc, const int8_t* q, const int8_t* x, int i, float scale) {
+    static_assert(G % 32 == 0, "a group is whole 32-byte registers");
+    __m256i dot = _mm256_setzero_si256();
+    NSLM_UNROLL
+    for (int h = 0; h < G; h += 32) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i + h));
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i + h));
+        dot = _mm256_dpbusd_epi32(dot, _mm256_sign_epi8(xv, xv), _mm256_sign_epi8(wv, xv));
+    }
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale), acc);
+}
+NSLM_INLINE float sum_acc(Acc a) { return int8_avx2::sum_acc(a); }
+#include "decode_int8.h"
+}  // namespace int8_vnni
+#if defined(__clang__)
+#pragma clang attribute pop
 #else
 #pragma GCC pop_options
 #endif
@@ -406,6 +434,7 @@ NSLM_KERNELS(baseline, , 8, int8_baseline)
 #define NSLM_X86_VARIANTS
 NSLM_KERNELS(avx2, __attribute__((target("avx2,fma"))), 8, int8_avx2)
 NSLM_KERNELS(avx512, __attribute__((target("avx512f,fma"))), 16, int8_avx2)
+NSLM_KERNELS(avx512vnni, __attribute__((target("avx512f,avx512vl,avx512vnni,fma"))), 16, int8_vnni)
 #endif
 
 struct Kernels {
@@ -421,8 +450,12 @@ const std::vector<Kernels>& supported_kernels() {
         std::vector<Kernels> found;
 #ifdef NSLM_X86_VARIANTS
         __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"))
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma")) {
+            if (__builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+                found.push_back(
+                    {"avx512vnni", matvec_rows_avx512vnni, matvec_rows_int8_avx512vnni, attend_avx512vnni});
             found.push_back({"avx512", matvec_rows_avx512, matvec_rows_int8_avx512, attend_avx512});
+        }
         if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
             found.push_back({"avx2", matvec_rows_avx2, matvec_rows_int8_avx2, attend_avx2});
 #endif

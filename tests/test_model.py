@@ -243,7 +243,7 @@ def runs_on_this_cpu(isa):
     return isa
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])  # each build of the vector kernels
+@pytest.mark.parametrize("isa", ["avx512vnni", "avx512", "avx2", "baseline"])  # each build of the vector kernels
 @pytest.mark.parametrize("shape", NATIVE_SHAPES)
 @pytest.mark.parametrize("style", STYLES)
 def test_native_decode_step_equals_pytorch(style, shape, isa):

@@ -56,7 +56,7 @@ def assert_close_but_for_one_tie(steps):
     assert loose <= 1, f"{loose} of {len(steps)} steps differ beyond float rounding"
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline"])  # each build of the int8 kernels
+@pytest.mark.parametrize("isa", ["avx512vnni", "avx512", "avx2", "baseline"])  # each build of the int8 kernels
 @pytest.mark.parametrize("group", [32, 64])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("style", STYLES)
