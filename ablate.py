@@ -15,11 +15,16 @@ not train.py's: a cell with it trains on the bundled corpus prepared with a voca
 made once by prepare.py and shared. A finished cell is never run again (its line in results.jsonl says so);
 an interrupted one continues from its last checkpoint. out_dir/<grid> receives a directory per cell (the run),
 results.jsonl (a line per cell: settings, parameters, tokens seen, wall time, val bits/byte), results.md (the
-table, best first) and the plots: val bits/byte against wall-clock for every cell, and against each numeric
-setting of the grid (one line per value of a second setting, where there is one).
+table, best first by the whole val split's bits/byte) and the plots: val bits/byte against wall-clock for every
+cell, and against each numeric setting of the grid (one line per value of a second setting, where there is one).
 
 A grid config assigns `name`, `base`, `budget` and either `cells` (a list of (name, {setting: value}))
 or `axes` (a list of (setting, [values]); the grid is their product).
+
+Two scores a cell: train.py's last `val_bpb`, an estimate from eval_iters random batches (of the run's own
+batch size, drawn with its seed), and `split_bpb`, the final model over the whole val split, every token once
+(training.split_bits_per_byte) -- the same text for every cell whatever its vocabulary, batch or seed. Cells are
+ranked by the second: the first moved 4% with the seed alone in docs/ablate.md's round 5.
 """
 import itertools
 import json
@@ -32,10 +37,14 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from tqdm import tqdm
 
-from checkpoint import read_config, read_log
+import torch
+
+from checkpoint import load_run, read_config, read_log
+from data import TokenDataset
 from configurator import ConfigError, configure, settings_of
 from files import atomic_write
 from model import GPT, GPTConfig
+from training import split_bits_per_byte
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -92,6 +101,13 @@ def train_arguments(settings, run_dir):
     return args
 
 
+def split_score(run_dir):
+    """Val bits/byte of run_dir's final model (last/) over the whole val split of the data it trained on."""
+    model, _, config = load_run(run_dir, "last")
+    with torch.inference_mode():
+        return split_bits_per_byte(model, TokenDataset(config["train"]["data_dir"]))
+
+
 def cell_result(cell, settings, run_dir, args, wall):
     """What a finished cell measured, from its checkpoint and log."""
     config = read_config(os.path.join(run_dir, "last"))
@@ -102,7 +118,7 @@ def cell_result(cell, settings, run_dir, args, wall):
             "params_no_embeddings": model.num_params(), "vocab": config["model"]["vocab_size"],
             "iters": final["iter"], "tokens": final["tokens"], "seconds": final.get("time", wall),
             "val_bpb": final["val_bpb"], "best_val_bpb": min(r["val_bpb"] for r in evals),
-            "val_loss": final["val_loss"], "train_loss": final["train_loss"]}
+            "val_loss": final["val_loss"], "train_loss": final["train_loss"], "split_bpb": split_score(run_dir)}
 
 
 def run_cell(cell, settings, grid_dir, threads):
@@ -146,7 +162,8 @@ def run_grid(grid_dir, todo, done):
             done[result["cell"]] = result
             with open(results_path, "a") as f:
                 f.write(json.dumps(result) + "\n")
-            tqdm.write(f"{result['cell']}: val {result['val_bpb']:.4f} bits/byte, {result['params'] / 1e6:.2f}M "
+            tqdm.write(f"{result['cell']}: val {result['split_bpb']:.4f} bits/byte (whole split; train.py "
+                       f"{result['val_bpb']:.4f}), {result['params'] / 1e6:.2f}M "
                        f"parameters, {result['tokens'] / 1e6:.1f}M tokens in {result['seconds'] / 60:.1f} min")
     bar.close()
 
@@ -163,6 +180,15 @@ def read_results(grid_dir):
     return done
 
 
+def score_older_cells(grid_dir, done):
+    """A cell recorded before results carried split_bpb gets it now, from its run, as a new results.jsonl line."""
+    for cell, record in done.items():
+        if "split_bpb" not in record and os.path.isdir(os.path.join(grid_dir, cell, "last")):
+            record["split_bpb"] = split_score(os.path.join(grid_dir, cell))
+            with open(os.path.join(grid_dir, "results.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
 def per_cell():
     return f"{iters} iterations" if iters else f"{budget:g} minutes"
 
@@ -173,12 +199,13 @@ def write_table(grid_dir, results):
     """results.md: a row per cell, best first; a column per axis of an axes grid, the changed settings of a
     cells grid in one column."""
     keys = [k for k, _ in axes]
-    header = ["cell", *(keys or ["settings"]), "params", "tokens", "minutes", "val bpb", "best val bpb"]
+    header = ["cell", *(keys or ["settings"]), "params", "tokens", "minutes", "val bpb (whole split)",
+              "val bpb (train.py)", "best (train.py)"]
     described = (lambda r: [str(r["settings"].get(k, "")) for k in keys]) if keys else (
         lambda r: [" ".join(f"{k}={v}" for k, v in r["settings"].items()) or "(base)"])
     rows = [[r["cell"], *described(r), f"{r['params'] / 1e6:.2f}M",
-             f"{r['tokens'] / 1e6:.1f}M", f"{r['seconds'] / 60:.1f}", f"{r['val_bpb']:.4f}", f"{r['best_val_bpb']:.4f}"]
-            for r in sorted(results, key=lambda r: r["val_bpb"])]
+             f"{r['tokens'] / 1e6:.1f}M", f"{r['seconds'] / 60:.1f}", f"{r['split_bpb']:.4f}", f"{r['val_bpb']:.4f}",
+             f"{r['best_val_bpb']:.4f}"] for r in sorted(results, key=lambda r: r["split_bpb"])]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
     text = (f"# {name}: {per_cell()} a cell, base {' '.join(base)}\n\n" + "\n".join(lines) + "\n")
     atomic_write(os.path.join(grid_dir, "results.md"), text.encode())
@@ -192,14 +219,14 @@ def write_plots(grid_dir, results):
     evals = {r["cell"]: [e for e in read_log(os.path.join(grid_dir, r["cell"])) if "val_bpb" in e and "time" in e]
              for r in results}
     fig, ax = plt.subplots(figsize=(8, 5))  # every cell's val bits/byte against wall-clock
-    for r in sorted(results, key=lambda r: r["val_bpb"]):
+    for r in sorted(results, key=lambda r: r["split_bpb"]):
         ax.plot([e["time"] / 60 for e in evals[r["cell"]]], [e["val_bpb"] for e in evals[r["cell"]]], "o-", ms=3,
-                label=f"{r['cell']} ({r['val_bpb']:.3f})")
+                label=f"{r['cell']} ({r['split_bpb']:.3f} whole split)")
     later = [e["val_bpb"] for cell_evals in evals.values() for e in cell_evals if e["iter"] > 0]
     if later:  # the step-0 evaluations (about 3 bits/byte) would flatten the part worth reading
         ax.set_ylim(min(later) - 0.02, max(later) + 0.02)
     ax.set_xlabel("wall-clock (minutes)")
-    ax.set_ylabel("val bits per byte")
+    ax.set_ylabel("val bits per byte (train.py's estimate)")
     ax.set_title(f"{name}: val bits/byte against time")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -214,11 +241,12 @@ def write_plots(grid_dir, results):
         other = next((k for k in keys if k != key), None)
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for group in sorted({str(r["settings"].get(other)) for r in values}):
-            points = sorted((r["settings"][key], r["val_bpb"]) for r in values if str(r["settings"].get(other)) == group)
+            points = sorted((r["settings"][key], r["split_bpb"]) for r in values
+                            if str(r["settings"].get(other)) == group)
             ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"{other}={group}" if other else None)
         ax.set_xscale("log", base=2)
         ax.set_xlabel(key)
-        ax.set_ylabel(f"val bits per byte after {per_cell()}")
+        ax.set_ylabel(f"val bits per byte (whole split) after {per_cell()}")
         ax.grid(alpha=0.3)
         if other:
             ax.legend()
@@ -234,7 +262,8 @@ def main():
     done = read_results(grid_dir)
     if not report_only:
         run_grid(grid_dir, todo, done)
-    results = [done[cell] for cell, _ in todo if cell in done]
+    score_older_cells(grid_dir, done)
+    results = [done[cell] for cell, _ in todo if cell in done and "split_bpb" in done[cell]]
     if not results:
         print("no cell has finished yet")
         return

@@ -260,15 +260,25 @@ def bits_per_byte(loss, split_meta):
 def split_bits_per_byte(model, dataset, split="val"):
     """Bits per byte of model on the whole of dataset's split (a data.TokenDataset), read once in windows of the
     model's context, every token scored once: a window's first token is predicted from the previous window's
-    last, so none is skipped. The same text for every model, whatever its vocabulary."""
+    last, so none is skipped. The same text for every model, whatever its vocabulary. Whole windows go through
+    the model several at a time (as many as keep the logits near 64 MB), the last, shorter one alone."""
     tokens = torch.from_numpy(dataset.splits[split].astype("int64"))
-    T = model.config.block_size
+    T, V = model.config.block_size, model.config.vocab_size
+    n_whole = (len(tokens) - 1) // T  # windows with all T targets: inputs tokens[kT : kT+T], targets one on
+    per_forward = max(1, 2**24 // (T * V))
     total, count = 0.0, 0
-    for start in range(0, len(tokens) - 1, T):  # inputs tokens[start:start+T], targets shifted by one
-        x = tokens[start:start + T + 1]
-        logits, _ = model(x[None, :-1])  # (1, T, vocab)
-        total += torch.nn.functional.cross_entropy(logits[0].float(), x[1:], reduction="sum").item()
-        count += len(x) - 1
+    for first in range(0, n_whole, per_forward):
+        k = torch.arange(first, min(first + per_forward, n_whole))
+        x = tokens[k[:, None] * T + torch.arange(T + 1)]  # (windows, T + 1)
+        logits, _ = model(x[:, :-1])  # (windows, T, vocab)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum")
+        total += loss.item()
+        count += x[:, 1:].numel()
+    rest = tokens[n_whole * T:]  # what the whole windows left: one shorter window, if any target remains
+    if len(rest) > 1:
+        logits, _ = model(rest[None, :-1])
+        total += torch.nn.functional.cross_entropy(logits[0].float(), rest[1:], reduction="sum").item()
+        count += len(rest) - 1
     return bits_per_byte(total / count, dataset.meta["splits"][split])
 
 

@@ -7,6 +7,9 @@ an interrupted grid continues with the cells it lacks.
 import json
 import os
 
+import pytest
+import torch
+
 from test_train import TINY, data_dirs, run  # noqa: F401 (data_dirs: a fixture)
 
 
@@ -26,6 +29,18 @@ def test_a_tiny_grid_runs_reports_and_resumes(tmp_path):
     assert (tmp_path / "data" / "bundled_bpe300" / "meta.json").is_file()  # prepared once, for the vocab_size
     assert "| n_embd16_vocab_size300 |" in (grid_dir / "results.md").read_text() and "val bpb" in proc.stdout
     assert (grid_dir / "bpb_vs_time.png").is_file() and (grid_dir / "bpb_vs_n_embd.png").is_file()
+    # every cell is also scored on the whole val split by its final model, and ranked by that
+    from checkpoint import load_run
+    from data import TokenDataset
+    from training import split_bits_per_byte
+    model, _, _ = load_run(str(grid_dir / "n_embd32_vocab_size300"), "last")
+    with torch.inference_mode():
+        expected = split_bits_per_byte(model, TokenDataset(str(tmp_path / "data" / "bundled_bpe300")))
+    assert big["split_bpb"] == pytest.approx(expected, rel=1e-6) and small["split_bpb"] != big["split_bpb"]
+    table = (grid_dir / "results.md").read_text()
+    assert "val bpb (whole split)" in table and f"{big['split_bpb']:.4f}" in table
+    first, second = sorted(results, key=lambda r: r["split_bpb"])
+    assert table.index(f"| {first['cell']} |") < table.index(f"| {second['cell']} |")
 
     outputs = {r["cell"]: (grid_dir / r["cell"] / "train.out").read_text() for r in results}
     lines = open(grid_dir / "results.jsonl").read().splitlines()
@@ -34,6 +49,14 @@ def test_a_tiny_grid_runs_reports_and_resumes(tmp_path):
     assert (grid_dir / "n_embd16_vocab_size300" / "train.out").read_text() == outputs["n_embd16_vocab_size300"]
     assert (grid_dir / "n_embd32_vocab_size300" / "train.out").read_text() != outputs["n_embd32_vocab_size300"]
     assert len(open(grid_dir / "results.jsonl").read().splitlines()) == 2 and "2 of 2 cells done" in again.stdout
+
+    # a grid recorded before cells carried split_bpb: the report scores them from their runs
+    older = [json.loads(line) for line in open(grid_dir / "results.jsonl")]
+    scores = {r["cell"]: r.pop("split_bpb") for r in older}
+    (grid_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in older))
+    run("ablate.py", str(grid), "--report_only")
+    rescored = {json.loads(line)["cell"]: json.loads(line) for line in open(grid_dir / "results.jsonl")}
+    assert {cell: r["split_bpb"] for cell, r in rescored.items()} == pytest.approx(scores, rel=1e-6)
 
 
 def test_an_empty_or_unknown_grid_is_a_clear_error(tmp_path):

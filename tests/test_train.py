@@ -469,3 +469,24 @@ def test_muon_lr_scales_muons_groups_through_the_schedule():
     assert {g["lr"] for g in muon.param_groups} == {4e-3} and {g["lr"] for g in adamw.param_groups} == {1e-3}
     set_lr(optimizer, 5e-4)  # the schedule's value for learning_rate: Muon keeps its ratio
     assert {g["lr"] for g in muon.param_groups} == {2e-3} and {g["lr"] for g in adamw.param_groups} == {5e-4}
+
+
+def test_split_bits_per_byte_scores_every_token_once_as_one_window_at_a_time_does(data_dirs):
+    """training.split_bits_per_byte puts several whole windows through the model at once: the same score as the
+    plain reading, one window at a time, each window's first target predicted from the previous window's last
+    token, the last (shorter) window included."""
+    from data import TokenDataset
+    from model import GPT, GPTConfig
+    from training import bits_per_byte, split_bits_per_byte
+    dataset = TokenDataset(data_dirs[0])
+    tokens = torch.from_numpy(dataset.splits["val"].astype("int64"))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=13, vocab_size=512)).eval()
+    assert (len(tokens) - 1) % 13  # a shorter last window
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(tokens) - 1, 13):
+            x = tokens[start:start + 14]
+            total += torch.nn.functional.cross_entropy(model(x[None, :-1])[0][0], x[1:], reduction="sum").item()
+    expected = bits_per_byte(total / (len(tokens) - 1), dataset.meta["splits"]["val"])
+    assert split_bits_per_byte(model, dataset) == pytest.approx(expected, rel=1e-6)
