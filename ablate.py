@@ -23,7 +23,7 @@ or `axes` (a list of (setting, [values]); the grid is their product).
 
 Two scores a cell: train.py's last `val_bpb`, an estimate from eval_iters random batches (of the run's own
 batch size, drawn with its seed), and `split_bpb`, the final model over the whole val split, every token once
-(training.split_bits_per_byte) -- the same text for every cell whatever its vocabulary, batch or seed. Cells are
+(training.final_bits_per_byte) -- the same text for every cell whatever its vocabulary, batch or seed. Cells are
 ranked by the second: the first moved 4% with the seed alone in docs/ablate.md's round 5.
 """
 import itertools
@@ -37,14 +37,11 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from tqdm import tqdm
 
-import torch
-
-from checkpoint import load_run, read_config, read_log
-from data import TokenDataset
+from checkpoint import read_config, read_log
 from configurator import ConfigError, configure, settings_of
 from files import atomic_write
 from model import GPT, GPTConfig
-from training import split_bits_per_byte
+from training import final_bits_per_byte
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -101,13 +98,6 @@ def train_arguments(settings, run_dir):
     return args
 
 
-def split_score(run_dir):
-    """Val bits/byte of run_dir's final model (last/) over the whole val split of the data it trained on."""
-    model, _, config = load_run(run_dir, "last")
-    with torch.inference_mode():
-        return split_bits_per_byte(model, TokenDataset(config["train"]["data_dir"]))
-
-
 def cell_result(cell, settings, run_dir, args, wall):
     """What a finished cell measured, from its checkpoint and log."""
     config = read_config(os.path.join(run_dir, "last"))
@@ -118,7 +108,7 @@ def cell_result(cell, settings, run_dir, args, wall):
             "params_no_embeddings": model.num_params(), "vocab": config["model"]["vocab_size"],
             "iters": final["iter"], "tokens": final["tokens"], "seconds": final.get("time", wall),
             "val_bpb": final["val_bpb"], "best_val_bpb": min(r["val_bpb"] for r in evals),
-            "val_loss": final["val_loss"], "train_loss": final["train_loss"], "split_bpb": split_score(run_dir)}
+            "val_loss": final["val_loss"], "train_loss": final["train_loss"], "split_bpb": final_bits_per_byte(run_dir)}
 
 
 def run_cell(cell, settings, grid_dir, threads):
@@ -141,13 +131,19 @@ def run_cell(cell, settings, grid_dir, threads):
     return cell_result(cell, settings, run_dir, args, time.time() - started)
 
 
+def record(grid_dir, done, result):
+    """result as its cell's latest: in done, and as a new line of results.jsonl (read_results keeps the last)."""
+    done[result["cell"]] = result
+    with open(os.path.join(grid_dir, "results.jsonl"), "a") as f:
+        f.write(json.dumps(result) + "\n")
+
+
 def run_grid(grid_dir, todo, done):
     """Run each cell of todo not in done (results.jsonl), jobs at a time, appending each result as it
     finishes."""
     if jobs < 1 or (jobs > 1 and not iters):
         raise ConfigError(f"jobs={jobs}: cells sharing the machine get fewer steps in a time budget; run them "
                           "in parallel only with an iteration budget (iters=N)")
-    results_path = os.path.join(grid_dir, "results.jsonl")
     pending = [(cell, settings) for cell, settings in todo
                if done.get(cell, {}).get("args") != train_arguments(settings, os.path.join(grid_dir, cell))]
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
@@ -159,9 +155,7 @@ def run_grid(grid_dir, todo, done):
             bar.update(1)
             if result is None:
                 continue
-            done[result["cell"]] = result
-            with open(results_path, "a") as f:
-                f.write(json.dumps(result) + "\n")
+            record(grid_dir, done, result)
             tqdm.write(f"{result['cell']}: val {result['split_bpb']:.4f} bits/byte (whole split; train.py "
                        f"{result['val_bpb']:.4f}), {result['params'] / 1e6:.2f}M "
                        f"parameters, {result['tokens'] / 1e6:.1f}M tokens in {result['seconds'] / 60:.1f} min")
@@ -181,12 +175,10 @@ def read_results(grid_dir):
 
 
 def score_older_cells(grid_dir, done):
-    """A cell recorded before results carried split_bpb gets it now, from its run, as a new results.jsonl line."""
-    for cell, record in done.items():
-        if "split_bpb" not in record and os.path.isdir(os.path.join(grid_dir, cell, "last")):
-            record["split_bpb"] = split_score(os.path.join(grid_dir, cell))
-            with open(os.path.join(grid_dir, "results.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+    """A cell recorded before results carried split_bpb gets it now, from its run."""
+    for cell, result in list(done.items()):
+        if "split_bpb" not in result and os.path.isdir(os.path.join(grid_dir, cell, "last")):
+            record(grid_dir, done, dict(result, split_bpb=final_bits_per_byte(os.path.join(grid_dir, cell))))
 
 
 def per_cell():

@@ -16,7 +16,9 @@ from contextlib import nullcontext
 
 import torch
 
+from checkpoint import load_run
 from configurator import ConfigError
+from data import TokenDataset
 
 
 class TrainError(RuntimeError):
@@ -280,6 +282,13 @@ def split_bits_per_byte(model, dataset, split="val"):
         total += torch.nn.functional.cross_entropy(logits[0].float(), rest[1:], reduction="sum").item()
         count += len(rest) - 1
     return bits_per_byte(total / count, dataset.meta["splits"][split])
+
+
+def final_bits_per_byte(run_dir, split="val"):
+    """split_bits_per_byte of run_dir's final model (last/) on the data it trained on (its recorded data_dir):
+    how ablate.py and bench/bench_quality.py score a finished run."""
+    model, _, config = load_run(run_dir, "last")
+    return split_bits_per_byte(model, TokenDataset(config["train"]["data_dir"]), split)
 
 
 def known_peak_flops(device_type, dtype_name, peak_flops=0.0):

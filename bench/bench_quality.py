@@ -34,9 +34,8 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from checkpoint import load_run, read_log  # noqa: E402
-from data import TokenDataset  # noqa: E402
 from machine import cpu_name  # noqa: E402
-from training import split_bits_per_byte  # noqa: E402
+from training import final_bits_per_byte  # noqa: E402
 
 NANOGPT = ["--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--dropout=0.0",
            "--bias=False", "--pos=learned", "--norm=layernorm", "--mlp=gelu", "--tie_embeddings=True",
@@ -69,12 +68,6 @@ def train(recipe, run_dir, data_dir, minutes):
            f"--out_dir={run_dir}", f"--max_time={minutes}", "--init_from=auto"]
     print(f"\n== {recipe}: {' '.join(cmd[2:])}", flush=True)
     subprocess.run(cmd, check=True)
-
-
-def whole_split_bpb(run_dir, data_dir):
-    """Val bits/byte of run_dir's final model over the whole val split (training.split_bits_per_byte)."""
-    model, _, _ = load_run(run_dir, "last")
-    return split_bits_per_byte(model, TokenDataset(data_dir))
 
 
 def sample(run_dir, max_new_tokens):
@@ -135,7 +128,7 @@ def main():
         curve = [e for e in read_log(run_dir) if "val_bpb" in e]
         results.append({"recipe": recipe, "iters": curve[-1]["iter"], "tokens": curve[-1]["tokens"],
                          "minutes": curve[-1]["time"] / 60, "train_py_val_bpb": curve[-1]["val_bpb"],
-                         "whole_val_bpb": whole_split_bpb(run_dir, data_dir),
+                         "whole_val_bpb": final_bits_per_byte(run_dir),
                          "sample": sample(run_dir, args.max_new_tokens), "curve": curve})
     if not results:
         return
