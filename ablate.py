@@ -41,7 +41,7 @@ from checkpoint import read_config, read_log
 from configurator import ConfigError, configure, settings_of
 from files import atomic_write
 from model import GPT, GPTConfig
-from training import final_bits_per_byte
+from training import bundled_data_dir, final_bits_per_byte
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -72,27 +72,13 @@ def grid_cells():
             for values in itertools.product(*(values for _, values in axes))]
 
 
-def data_dir_for(vocab_size):
-    """The bundled corpus tokenized with a trained vocabulary of vocab_size (0: GPT-2's), prepared once."""
-    name_ = f"bundled_bpe{vocab_size}" if vocab_size else "bundled"
-    path = os.path.join(data_root, name_)
-    if not os.path.isfile(os.path.join(path, "meta.json")):
-        args = ["--dataset=bundled", f"--out_dir={data_root}", f"--name={name_}"]
-        args += [f"--vocab_size={vocab_size}"] if vocab_size else []
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), *args], capture_output=True,
-                              text=True)
-        if proc.returncode:
-            raise ConfigError(f"prepare.py {' '.join(args)} failed:\n{proc.stderr.strip()}")
-    return path
-
-
 def train_arguments(settings, run_dir):
     """train.py's arguments for a cell: the base, the budget, the cell's settings (vocab_size -> data_dir)."""
     limit = ["--max_time=0", f"--max_iters={iters}"] if iters else [f"--max_time={budget}"]
     args = list(base) + [f"--out_dir={run_dir}", *limit, "--init_from=auto"]
     for key, value in settings.items():
         if key == "vocab_size":
-            args.append(f"--data_dir={data_dir_for(value)}")
+            args.append(f"--data_dir={bundled_data_dir(data_root, value)}")
         else:
             args.append(f"--{key}={value}")
     return args

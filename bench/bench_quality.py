@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 from checkpoint import load_run, read_log  # noqa: E402
 from machine import cpu_name  # noqa: E402
-from training import final_bits_per_byte  # noqa: E402
+from training import bundled_data_dir, final_bits_per_byte  # noqa: E402
 
 NANOGPT = ["--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--dropout=0.0",
            "--bias=False", "--pos=learned", "--norm=layernorm", "--mlp=gelu", "--tie_embeddings=True",
@@ -48,17 +48,6 @@ RECIPES = {  # name: (train.py arguments, the vocabulary its data is tokenized w
     "default": (["config/cpu_10min.py"], 4096),
 }
 PROMPT = "Once upon a time"
-
-
-def prepared(data_root, vocab_size):
-    """The bundled corpus tokenized with a trained vocabulary of vocab_size (0: GPT-2's), prepared if missing."""
-    name = f"bundled_bpe{vocab_size}" if vocab_size else "bundled"
-    path = os.path.join(data_root, name)
-    if not os.path.isfile(os.path.join(path, "meta.json")):
-        vocab = [f"--vocab_size={vocab_size}"] if vocab_size else []
-        subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), "--dataset=bundled",
-                        f"--out_dir={data_root}", f"--name={name}", *vocab], check=True)
-    return path
 
 
 def train(recipe, run_dir, data_dir, minutes):
@@ -119,7 +108,7 @@ def main():
     results = []
     for recipe in recipes:
         run_dir = os.path.join(args.out_dir, recipe)
-        data_dir = prepared(args.data_root, RECIPES[recipe][1])
+        data_dir = bundled_data_dir(args.data_root, RECIPES[recipe][1])
         if not args.report_only:
             train(recipe, run_dir, data_dir, args.minutes)
         if not os.path.isdir(os.path.join(run_dir, "last")):

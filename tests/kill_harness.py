@@ -24,7 +24,6 @@ A kill "landed during a write" when it left a temporary behind (a .tmp name, a .
 state file). tests/test_kill.py runs a few planned kills per script; the exit status is 1 when anything failed.
 """
 import argparse
-import gzip
 import json
 import os
 import random
@@ -35,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from stories import stories
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ("prepare", "train", "finetune")
@@ -98,11 +99,6 @@ def child(kill_at, trace, script, args):
 
 
 # --- the set-up and the scripts' command lines -----------------------------------------------------------------
-
-def stories(first, count):
-    with gzip.open(os.path.join(ROOT, "data", "tinystories_sample", "train.txt.gz"), "rt", encoding="utf-8") as f:
-        return f.read().split("<|endoftext|>\n")[first:first + count]
-
 
 def make_setup(work):
     """The inputs every script needs, in work: stories.txt, and chat.jsonl / chat_val.jsonl (short

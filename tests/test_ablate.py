@@ -85,3 +85,11 @@ def test_an_iteration_budget_runs_cells_in_parallel_and_only_it_may(data_dirs, t
                      "jobs = 2\ncells = [('a', {})]\n")
     proc = run("ablate.py", str(timed), check=False)
     assert proc.returncode != 0 and "only with an iteration budget" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_cell_whose_corpus_cannot_be_prepared_says_why(tmp_path):
+    from configurator import ConfigError
+    from training import bundled_data_dir
+    with pytest.raises(ConfigError, match=r"prepare.py .*--vocab_size=100 failed:\n.*too small"):
+        bundled_data_dir(str(tmp_path), 100)
+    assert not (tmp_path / "bundled_bpe100" / "meta.json").exists()

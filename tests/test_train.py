@@ -1,6 +1,5 @@
 """train.py and sample.py end to end on CPU: the loss falls, a killed run resumes to the very same weights,
 two gloo processes train like one, bad checkpoints and diverging runs stop with clear errors."""
-import gzip
 import json
 import os
 import signal
@@ -13,6 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from configurator import ConfigError
+
+from stories import stories
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
@@ -42,11 +43,6 @@ def interrupt_after_steps(script, args, out_dir, steps):
     stdout, stderr = proc.communicate(timeout=120)
     assert "stopped at iteration" in stdout, stdout + stderr
     assert proc.returncode == 128 + signal.SIGINT  # saved, but not finished: not a success
-
-
-def stories(first, count):
-    with gzip.open(os.path.join(ROOT, "data", "tinystories_sample", "train.txt.gz"), "rt", encoding="utf-8") as f:
-        return f.read().split("<|endoftext|>\n")[first:first + count]
 
 
 @pytest.fixture(scope="module")
