@@ -3,7 +3,7 @@
 # does stronger weight decay, or a longer cooldown, turn that memorising into a better val score?
 #   python ablate.py config/ablate_regularise10.py
 name = "regularise10"
-base = ["config/cpu_10min.py"]
+base = ["config/cpu_10min.py", "--weight_decay=0.3", "--block_size=128"]  # cpu_10min.py as it was then
 iters = 2600
 jobs = 2
 cells = [

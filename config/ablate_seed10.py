@@ -3,7 +3,7 @@
 # A lead that holds on both seeds becomes the 10-minute default.
 #   python ablate.py config/ablate_seed10.py
 name = "seed10"
-base = ["config/cpu_10min.py"]
+base = ["config/cpu_10min.py", "--weight_decay=0.3", "--block_size=128"]  # cpu_10min.py as it was then
 iters = 2600
 jobs = 2
 cells = [

@@ -3,7 +3,7 @@
 # times and weight decay holding back the memorising, does more capacity or more tokens a step now pay?
 #   python ablate.py config/ablate_shape10.py      # about 42 minutes: run nothing else meanwhile
 name = "shape10"
-base = ["config/cpu_10min.py"]
+base = ["config/cpu_10min.py", "--block_size=128"]  # cpu_10min.py as it was then
 budget = 10.0
 cells = [
     ("base", {}),
