@@ -1,6 +1,7 @@
 """
 What train.py and finetune.py share: the optimizer and its learning-rate schedule, seeded batches, one
-optimizer step, mixed precision, torch.compile, and the checks a run makes before it starts.
+optimizer step, mixed precision, torch.compile, and the checks a run makes before it starts; and what
+ablate.py and bench/bench_quality.py share: the bundled corpus prepared on demand, a finished run's score.
 
     from training import get_lr, make_optimizer
     optimizer = make_optimizer(model.parameters(), "cpu", 1e-3, 0.1, (0.9, 0.95))
@@ -219,6 +220,24 @@ def check_finite(loss_value, iter_num, learning_rate, verb="training"):
                          f"last checkpoint with a lower learning_rate (now {learning_rate}) or grad_clip")
 
 
+# --- the bundled corpus, prepared on demand -----------------------------------------------------------------
+
+def bundled_data_dir(data_root, vocab_size):
+    """The bundled corpus as token files in data_root/bundled_bpe<vocab_size> (vocab_size 0: GPT-2's vocabulary,
+    data_root/bundled), made by prepare.py the first time they are asked for: the data of ablate.py's cells and
+    of bench/bench_quality.py's recipes. A prepare.py that fails raises ConfigError with its message."""
+    name = f"bundled_bpe{vocab_size}" if vocab_size else "bundled"
+    path = os.path.join(data_root, name)
+    if not os.path.isfile(os.path.join(path, "meta.json")):  # prepare.py writes meta.json last
+        args = ["--dataset=bundled", f"--out_dir={data_root}", f"--name={name}"]
+        args += [f"--vocab_size={vocab_size}"] if vocab_size else []
+        prepare = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare.py")
+        proc = subprocess.run([sys.executable, prepare, *args], capture_output=True, text=True)
+        if proc.returncode:
+            raise ConfigError(f"prepare.py {' '.join(args)} failed:\n{proc.stderr.strip()}")
+    return path
+
+
 # --- a time budget ------------------------------------------------------------------------------------------
 
 def iterations_in_budget(minutes, started, train_step, measure_eval, eval_interval, model, optimizer, scaler,
@@ -291,22 +310,6 @@ def final_bits_per_byte(run_dir, split="val"):
     how ablate.py and bench/bench_quality.py score a finished run."""
     model, _, config = load_run(run_dir, "last")
     return split_bits_per_byte(model, TokenDataset(config["train"]["data_dir"]), split)
-
-
-def bundled_data_dir(data_root, vocab_size):
-    """The bundled corpus as token files in data_root/bundled_bpe<vocab_size> (vocab_size 0: GPT-2's vocabulary,
-    data_root/bundled), made by prepare.py the first time they are asked for: the data of ablate.py's cells and
-    of bench/bench_quality.py's recipes. A prepare.py that fails raises ConfigError with its message."""
-    name = f"bundled_bpe{vocab_size}" if vocab_size else "bundled"
-    path = os.path.join(data_root, name)
-    if not os.path.isfile(os.path.join(path, "meta.json")):  # prepare.py writes meta.json last
-        args = ["--dataset=bundled", f"--out_dir={data_root}", f"--name={name}"]
-        args += [f"--vocab_size={vocab_size}"] if vocab_size else []
-        prepare = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare.py")
-        proc = subprocess.run([sys.executable, prepare, *args], capture_output=True, text=True)
-        if proc.returncode:
-            raise ConfigError(f"prepare.py {' '.join(args)} failed:\n{proc.stderr.strip()}")
-    return path
 
 
 def known_peak_flops(device_type, dtype_name, peak_flops=0.0):

@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from checkpoint import load_run, read_log  # noqa: E402
+from checkpoint import read_log  # noqa: E402
 from machine import cpu_name  # noqa: E402
 from training import bundled_data_dir, final_bits_per_byte  # noqa: E402
 

@@ -10,7 +10,9 @@ import os
 import pytest
 import torch
 
+from configurator import ConfigError
 from test_train import TINY, data_dirs, run  # noqa: F401 (data_dirs: a fixture)
+from training import bundled_data_dir
 
 
 def test_a_tiny_grid_runs_reports_and_resumes(tmp_path):
@@ -88,8 +90,6 @@ def test_an_iteration_budget_runs_cells_in_parallel_and_only_it_may(data_dirs, t
 
 
 def test_a_cell_whose_corpus_cannot_be_prepared_says_why(tmp_path):
-    from configurator import ConfigError
-    from training import bundled_data_dir
     with pytest.raises(ConfigError, match=r"prepare.py .*--vocab_size=100 failed:\n.*too small"):
         bundled_data_dir(str(tmp_path), 100)
     assert not (tmp_path / "bundled_bpe100" / "meta.json").exists()
