@@ -39,7 +39,7 @@ from lora import (adapter_tensors, add_lora, compact_optimizer_state, expand_opt
                   load_adapter_tensors, lora_layer_names, merge_lora, token_row_weights, train_new_rows_only)
 from system import catch_stop_signals, pick_device, pick_dtype, release_stop_signals
 from training import (TrainError, autocast_for, batch_seed, check_finite, check_init_from, get_lr,
-                      iterations_in_budget, make_optimizer, optimizer_step, set_lr)
+                      iterations_in_budget, make_optimizer, optimizer_step, replanned_iterations, set_lr)
 
 # --- settings -------------------------------------------------------------------------------------------
 # I/O
@@ -72,7 +72,8 @@ gradient_accumulation_steps = 1  # micro-batches per optimizer step
 learning_rate = 1e-3  # peak, after warmup
 max_iters = 600  # optimizer steps in all
 max_time = 0.0  # minutes of fine-tuning instead (evaluations and checkpoints included; the instruction eval after
-#                 it is not): max_iters is fixed from the first steps' timing, recorded, kept when resumed; 0: off
+#                 it is not): max_iters is fixed from the first steps' timing and recorded (planned again at
+#                 evaluations while no used learning rate changes: in the warmup, or with decay_lr=False); 0: off
 weight_decay = 0.0  # AdamW's, on matrices only
 beta1 = 0.9  # AdamW's momentum
 beta2 = 0.95  # AdamW's second-moment decay
@@ -354,6 +355,7 @@ def main():
         adapter = adapter_tensors(model, n_base) if mode == "lora" else None
         return time.time() - timed + 2 * seconds_to_save(out_dir, model, optimizer, checkpoint_info(), adapter)
 
+    eval_s = None  # seconds of the last evaluation with its checkpoints (max_time's re-plans)
     if total_iters is None and not eval_only:  # max_time: as many iterations as the budget holds
         total_iters, step_s, eval_s = iterations_in_budget(
             max_time, started, lambda i: train_step(i, learning_rate), measure_eval, eval_interval, model,
@@ -363,14 +365,28 @@ def main():
 
     # the training loop
     stop_signal = catch_stop_signals()
+    def lr_at(it, count):
+        return get_lr(it, learning_rate, min_lr, warmup_iters, lr_decay_iters or count, decay_lr)
+
     step_seconds, steps_timed = 0.0, 0  # since the last log line, evaluations left out
+    paced_seconds, paced_steps = 0.0, 0  # since the last evaluation: max_time's pace
     while not eval_only and iter_num < total_iters:
         if iter_num % eval_interval == 0:
+            if max_time and paced_steps and eval_s is not None:  # the count again, where no used rate changes
+                count = replanned_iterations(max_time, time.time() - started, iter_num, total_iters,
+                                             paced_seconds / paced_steps, eval_s, eval_interval, lr_at)
+                if count != total_iters:
+                    print(f"max_time {max_time:g} min: {count} iterations instead of {total_iters} (now "
+                          f"{1000 * paced_seconds / paced_steps:.0f} ms a step)")
+                total_iters = count
+            eval_started = time.time()
             evaluate_and_save()
+            eval_s, paced_seconds, paced_steps = time.time() - eval_started, 0.0, 0
         step_started = time.time()
-        lr = get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters or total_iters, decay_lr)
+        lr = lr_at(iter_num, total_iters)
         step_loss, step_tokens = train_step(iter_num, lr)
         step_seconds, steps_timed = step_seconds + time.time() - step_started, steps_timed + 1
+        paced_seconds, paced_steps = paced_seconds + time.time() - step_started, paced_steps + 1
         check_finite(step_loss, iter_num, learning_rate, "fine-tuning")
         iter_num += 1
         tokens_seen += step_tokens

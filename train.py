@@ -28,7 +28,7 @@ from model import GPT, GPTConfig
 from system import catch_stop_signals, pick_device, pick_dtype, release_stop_signals, setup_distributed
 from training import (TrainError, autocast_for, batch_seed, bits_per_byte, check_finite, check_init_from,
                       compile_or_eager, get_lr, iterations_in_budget, known_peak_flops, make_muon_optimizer,
-                      make_optimizer, micro_steps_per_process, optimizer_step, set_lr)
+                      make_optimizer, micro_steps_per_process, optimizer_step, replanned_iterations, set_lr)
 
 # --- settings -------------------------------------------------------------------------------------------
 # I/O
@@ -63,7 +63,8 @@ zero_init = False  # start the blocks' output projections (attention's and the M
 learning_rate = 1e-3  # peak, after warmup
 max_iters = 2000  # optimizer steps in all
 max_time = 0.0  # minutes of wall-clock for the whole run instead (evaluations and checkpoints included): the
-#                 first steps are timed and max_iters fixed from them, recorded, and kept when resumed; 0: off
+#                 first steps are timed and max_iters fixed from them and recorded (planned again at evaluations
+#                 while no used learning rate changes: a wsd schedule before its cooldown); 0: off
 weight_decay = 0.1  # on weight matrices and embeddings, not on norms or biases
 beta1 = 0.9  # AdamW's momentum
 beta2 = 0.95  # AdamW's second-moment decay
@@ -262,6 +263,7 @@ def main():
         os.makedirs(out_dir, exist_ok=True)
         return time.time() - timed + 2 * seconds_to_save(out_dir, raw_model, optimizer, checkpoint_info([rng_state()]))
 
+    eval_s = None  # seconds of the last evaluation with its checkpoints (max_time's re-plans)
     if total_iters is None:  # max_time: as many iterations as the budget holds, at this machine's pace
         total_iters, step_s, eval_s = iterations_in_budget(
             max_time, started, lambda i: train_step(i, learning_rate), measure_eval, eval_interval,
@@ -278,17 +280,40 @@ def main():
                 print(f"warning: only {total_iters} iterations fit in {max_time:g} minutes on this machine: give "
                       "more time, or a fixed count with --max_time=0 --max_iters=N")
 
+    def lr_at(it, count):
+        return get_lr(it, learning_rate, min_lr, warmup_iters, lr_decay_iters or count, decay_lr, lr_schedule,
+                      cooldown)
+
+    def replan():
+        """max_time: the count again, from the pace since the last evaluation, where that changes no learning
+        rate already used (training.replanned_iterations); every process takes the slowest one's pace."""
+        nonlocal total_iters
+        pace = torch.tensor([paced_seconds / paced_steps, eval_s, time.time() - started], device=dev)
+        if ddp:
+            dist.all_reduce(pace, op=dist.ReduceOp.MAX)
+        step_s, _, elapsed = pace.tolist()
+        count = replanned_iterations(max_time, elapsed, iter_num, total_iters, step_s, eval_s, eval_interval, lr_at)
+        if master and count != total_iters:
+            print(f"max_time {max_time:g} min: {count} iterations instead of {total_iters} (now "
+                  f"{1000 * step_s:.0f} ms a step)")
+        total_iters = count
+
     # the training loop
     model.train()
     step_seconds, steps_timed = 0.0, 0  # since the last log line, evaluations left out
+    paced_seconds, paced_steps = 0.0, 0  # since the last evaluation: max_time's pace
     while iter_num < total_iters:
         if iter_num % eval_interval == 0:
+            if max_time and paced_steps and eval_s is not None:
+                replan()
+            eval_started = time.time()
             evaluate_and_save()
+            eval_s, paced_seconds, paced_steps = time.time() - eval_started, 0.0, 0
         step_started = time.time()
-        lr = get_lr(iter_num, learning_rate, min_lr, warmup_iters, lr_decay_iters or total_iters, decay_lr,
-                    lr_schedule, cooldown)
+        lr = lr_at(iter_num, total_iters)
         loss_value = train_step(iter_num, lr)
         step_seconds, steps_timed = step_seconds + time.time() - step_started, steps_timed + 1
+        paced_seconds, paced_steps = paced_seconds + time.time() - step_started, paced_steps + 1
         check_finite(loss_value, iter_num, learning_rate)
         iter_num += 1
         tokens_seen += tokens_per_step

@@ -272,6 +272,24 @@ def iterations_in_budget(minutes, started, train_step, measure_eval, eval_interv
     return max(1, n), step_s, eval_s
 
 
+def replanned_iterations(minutes, elapsed, iter_num, planned, step_s, eval_s, eval_interval, lr_at, tolerance=0.02):
+    """max_time's plan checked at an evaluation against the pace since the previous one: the iteration count
+    that ends the run at minutes of wall-clock, given elapsed seconds so far, step_s a step and eval_s an
+    evaluation with its checkpoints. It is taken only where it moves the predicted end by more than tolerance of
+    the budget, and where it changes none of the learning rates already used -- lr_at(it, count) for every
+    it < iter_num -- so the run still equals one given the final count as max_iters. That lets a "wsd" schedule
+    be re-planned until its cooldown begins, any schedule during its warmup, a constant rate at any time; a
+    cosine or linear decay keeps the count it fixed at the start. Returns the count: planned, or the new one."""
+    remaining = minutes * 60 - elapsed
+    # n more steps and the evaluations every eval_interval and at the end: n s + (n / interval + 1) e <= remaining
+    proposed = iter_num + max(1, int((remaining - eval_s) / (step_s + eval_s / eval_interval)))
+    if abs(proposed - planned) * (step_s + eval_s / eval_interval) <= tolerance * minutes * 60:
+        return planned
+    if any(lr_at(it, proposed) != lr_at(it, planned) for it in range(iter_num)):
+        return planned
+    return proposed
+
+
 # --- measures -----------------------------------------------------------------------------------------------
 
 def bits_per_byte(loss, split_meta):

@@ -322,6 +322,30 @@ def test_max_time_fixes_the_schedule_from_timing_and_a_resumed_run_keeps_it(data
         assert torch.equal(a[name], b[name]), name
 
 
+def test_max_time_replans_a_wsd_run_given_more_time_and_it_equals_a_run_of_its_final_count(data_dirs, tmp_path):
+    """A wsd run interrupted, then resumed with a longer budget: at its evaluations the count is planned again
+    from the pace (the peak rate so far is the same for any count), and the run still ends with the weights of
+    one given the final count as max_iters."""
+    common = [*TINY, f"--data_dir={data_dirs[0]}", "--eval_interval=5", "--dropout=0.1", "--lr_schedule=wsd",
+              "--cooldown=0.4", "--min_lr=0.0"]
+    broken, straight = tmp_path / "broken", tmp_path / "straight"
+    interrupt_after_steps("train.py", [*common, f"--out_dir={broken}", "--max_time=0.1"], str(broken), 5)
+    fixed = torch.load(broken / "last" / "state.pt", weights_only=True)["max_iters"]
+    resumed = run("train.py", *common, f"--out_dir={broken}", "--max_time=0.3", "--init_from=resume")
+    final = torch.load(broken / "last" / "state.pt", weights_only=True)["max_iters"]
+    assert f"of {fixed} (fixed by max_time)" in resumed.stdout
+    # resumed at the evaluation of step 5, planned again at step 10: the cooldown (the last 40%) starts later
+    assert f"max_time 0.3 min: {final} iterations instead of" in resumed.stdout and final > 2 * fixed, resumed.stdout
+    steps = [r for r in log_records(str(broken)) if "loss" in r]
+    from training import get_lr
+    end = get_lr(final - 1, 1e-3, 0.0, 5, final, True, "wsd", 0.4)  # the last step of the cooldown to 0
+    assert steps[-1]["iter"] == final and steps[-1]["lr"] == pytest.approx(end)
+    run("train.py", *common, f"--out_dir={straight}", f"--max_iters={final}")
+    a, b = weights(str(straight)), weights(str(broken))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def test_muon_takes_the_block_matrices_and_resumes_exactly(data_dirs, tmp_path):
     from model import GPT, GPTConfig
     from training import make_muon_optimizer
@@ -419,6 +443,36 @@ def test_learning_rate_schedules():
     assert get_lr(50, 1.0, 0.1, 10, 110, decay=False) == 1.0
     with pytest.raises(ValueError, match="lr_schedule='step'"):
         get_lr(50, 1.0, 0.1, 10, 110, schedule="step")
+
+
+def test_max_time_replans_only_where_no_used_learning_rate_changes():
+    """The count again at an evaluation: the pace since says the run would end late (or early), and a new count
+    is taken where every learning rate used so far stays as it was -- before a wsd cooldown, within any warmup,
+    at a constant rate -- and where the end moves by more than 2% of the budget."""
+    from functools import partial
+
+    from training import get_lr, replanned_iterations
+
+    def lr_at(schedule, it, count, decay=True):
+        return get_lr(it, 1.0, 0.0, 10, count, decay, schedule, cooldown=0.4)
+    wsd, cosine = partial(lr_at, "wsd"), partial(lr_at, "cosine")
+    # 1,000 planned at 0.6 s a step for 10 minutes; at step 200, 150 s in, the steps take 0.5 s (evaluations 1 s,
+    # every 100 steps): (600 - 150 - 1) / (0.5 + 0.01) = 880 more
+    assert replanned_iterations(10, 150, 200, 1000, 0.5, 1.0, 100, wsd) == 200 + 880
+    assert replanned_iterations(10, 150, 200, 1000, 0.5, 1.0, 100, cosine) == 1000  # past the warmup: kept
+    assert replanned_iterations(10, 150, 5, 1000, 0.5, 1.0, 100, cosine) == 5 + 880  # within the warmup
+    assert replanned_iterations(10, 150, 200, 1000, 0.5, 1.0, 100, partial(cosine, decay=False)) == 1080
+    # slower instead (0.9 s a step): 449 / 0.91 = 493 more, 693 in all, whose cooldown starts at 10 + 0.6 * 683 =
+    # 420: the 200 steps so far stay at the peak
+    assert replanned_iterations(10, 150, 200, 1000, 0.9, 1.0, 100, wsd) == 693
+    # at step 650 of 1,000 the cooldown (from step 604) has begun: whatever the pace, the count stays
+    assert replanned_iterations(10, 400, 650, 1000, 0.9, 1.0, 100, wsd) == 1000
+    assert replanned_iterations(10, 400, 650, 1000, 0.1, 1.0, 100, wsd) == 1000
+    # on pace, give or take 2% of the budget (12 s): at 122 s, 0.6 s a step, 981 in all (19 x 0.61 s early): kept
+    assert replanned_iterations(10, 122, 200, 1000, 0.6, 1.0, 100, wsd) == 1000
+    assert replanned_iterations(10, 122, 200, 1000, 0.57, 1.0, 100, wsd) == 1022  # 22 x 0.58 = 13 s early: taken
+    # already past the budget: one more step where that is allowed
+    assert replanned_iterations(10, 700, 5, 1000, 0.5, 1.0, 100, wsd) == 6
 
 
 def test_a_bad_schedule_is_refused_before_training(data_dirs, tmp_path):
