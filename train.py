@@ -291,8 +291,9 @@ def main():
         pace = torch.tensor([paced_seconds / paced_steps, eval_s, time.time() - started], device=dev)
         if ddp:
             dist.all_reduce(pace, op=dist.ReduceOp.MAX)
-        step_s, _, elapsed = pace.tolist()
-        count = replanned_iterations(max_time, elapsed, iter_num, total_iters, step_s, eval_s, eval_interval, lr_at)
+        step_s, slowest_eval_s, elapsed = pace.tolist()
+        count = replanned_iterations(max_time, elapsed, iter_num, total_iters, step_s, slowest_eval_s, eval_interval,
+                                     lr_at)
         if master and count != total_iters:
             print(f"max_time {max_time:g} min: {count} iterations instead of {total_iters} (now "
                   f"{1000 * step_s:.0f} ms a step)")
