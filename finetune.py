@@ -363,11 +363,11 @@ def main():
         print(f"max_time {max_time:g} min: {total_iters} iterations ({1000 * step_s:.0f} ms a step, "
               f"{eval_s:.1f} s an evaluation with its checkpoints)")
 
-    # the training loop
-    stop_signal = catch_stop_signals()
     def lr_at(it, count):
         return get_lr(it, learning_rate, min_lr, warmup_iters, lr_decay_iters or count, decay_lr)
 
+    # the training loop
+    stop_signal = catch_stop_signals()
     step_seconds, steps_timed = 0.0, 0  # since the last log line, evaluations left out
     paced_seconds, paced_steps = 0.0, 0  # since the last evaluation: max_time's pace
     while not eval_only and iter_num < total_iters:
@@ -385,8 +385,9 @@ def main():
         step_started = time.time()
         lr = lr_at(iter_num, total_iters)
         step_loss, step_tokens = train_step(iter_num, lr)
-        step_seconds, steps_timed = step_seconds + time.time() - step_started, steps_timed + 1
-        paced_seconds, paced_steps = paced_seconds + time.time() - step_started, paced_steps + 1
+        took = time.time() - step_started
+        step_seconds, steps_timed = step_seconds + took, steps_timed + 1
+        paced_seconds, paced_steps = paced_seconds + took, paced_steps + 1
         check_finite(step_loss, iter_num, learning_rate, "fine-tuning")
         iter_num += 1
         tokens_seen += step_tokens

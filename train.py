@@ -313,8 +313,9 @@ def main():
         step_started = time.time()
         lr = lr_at(iter_num, total_iters)
         loss_value = train_step(iter_num, lr)
-        step_seconds, steps_timed = step_seconds + time.time() - step_started, steps_timed + 1
-        paced_seconds, paced_steps = paced_seconds + time.time() - step_started, paced_steps + 1
+        took = time.time() - step_started
+        step_seconds, steps_timed = step_seconds + took, steps_timed + 1
+        paced_seconds, paced_steps = paced_seconds + took, paced_steps + 1
         check_finite(loss_value, iter_num, learning_rate)
         iter_num += 1
         tokens_seen += tokens_per_step
