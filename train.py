@@ -71,7 +71,8 @@ beta2 = 0.95  # AdamW's second-moment decay
 grad_clip = 1.0  # clip the gradient norm to this; 0 disables
 # learning rate schedule: linear warmup, then a decay to min_lr at lr_decay_iters
 decay_lr = True  # False: a constant learning_rate
-lr_schedule = "cosine"  # the decay: "cosine", "linear", or "wsd" (constant, then linear over the last cooldown)
+lr_schedule = "cosine"  # the decay: "cosine", "linear", "wsd" (constant, then linear over the last cooldown), or
+#                         "wsd_sqrt" (the same, down as 1 - sqrt over the cooldown)
 cooldown = 0.3  # wsd: the fraction of the decay iterations spent decaying
 warmup_iters = 100  # iterations of linear warmup from 0
 lr_decay_iters = 0  # 0: max_iters
@@ -152,8 +153,8 @@ def main():
     model = GPT(model_config).to(dev)
     if optim not in ("adamw", "muon"):
         raise ConfigError(f"optim={optim!r}: choose adamw or muon")
-    if lr_schedule not in ("cosine", "linear", "wsd") or not 0 < cooldown <= 1:
-        raise ConfigError(f"lr_schedule={lr_schedule!r}, cooldown={cooldown}: choose cosine, linear or wsd, "
+    if lr_schedule not in ("cosine", "linear", "wsd", "wsd_sqrt") or not 0 < cooldown <= 1:
+        raise ConfigError(f"lr_schedule={lr_schedule!r}, cooldown={cooldown}: choose cosine, linear, wsd or wsd_sqrt, "
                           "and a cooldown in (0, 1]")
     if zero_init:
         model.zero_output_projections_()

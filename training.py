@@ -67,7 +67,9 @@ def batch_seed(seed, split, iteration, micro_step):
 def get_lr(it, max_lr, min_lr, warmup_iters, decay_iters, decay=True, schedule="cosine", cooldown=0.3):
     """Linear warmup to max_lr over warmup_iters, then down to min_lr at decay_iters: "cosine" decay all the
     way, "linear" decay all the way, or "wsd" (warmup-stable-decay): max_lr until the last cooldown fraction of
-    the decay, then linear. max_lr throughout when not decay."""
+    the decay, then linear; "wsd_sqrt": the same with a 1 - sqrt cooldown (Hagele et al. 2024, "Scaling Laws and
+    Compute-Optimal Training Beyond Fixed Training Durations"): down fast at first, slowly at the end. max_lr
+    throughout when not decay."""
     if not decay:
         return max_lr
     if it < warmup_iters:
@@ -79,9 +81,10 @@ def get_lr(it, max_lr, min_lr, warmup_iters, decay_iters, decay=True, schedule="
         return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
     if schedule == "linear":
         return max_lr + progress * (min_lr - max_lr)
-    if schedule == "wsd":
-        return max_lr + max(0.0, (progress - 1 + cooldown) / cooldown) * (min_lr - max_lr)
-    raise ValueError(f"lr_schedule={schedule!r}: choose cosine, linear or wsd")
+    if schedule in ("wsd", "wsd_sqrt"):
+        done = max(0.0, (progress - 1 + cooldown) / cooldown)  # 0 -> 1 over the cooldown
+        return max_lr + (math.sqrt(done) if schedule == "wsd_sqrt" else done) * (min_lr - max_lr)
+    raise ValueError(f"lr_schedule={schedule!r}: choose cosine, linear, wsd or wsd_sqrt")
 
 
 def make_optimizer(params, device_type, learning_rate, weight_decay, betas, no_decay=()):

@@ -431,7 +431,7 @@ def test_max_iters_0_resumes_an_older_checkpoint_without_a_recorded_count(data_d
 def test_learning_rate_schedules():
     from training import get_lr
     lr = {shape: [get_lr(it, 1.0, 0.1, 10, 110, schedule=shape, cooldown=0.2) for it in range(120)]
-          for shape in ("cosine", "linear", "wsd")}
+          for shape in ("cosine", "linear", "wsd", "wsd_sqrt")}
     for shape, values in lr.items():
         assert values[9] == pytest.approx(10 / 11) and values[10] == 1.0, shape  # warmup, then the peak
         assert values[110] == values[119] == 0.1, shape  # min_lr from decay_iters on
@@ -440,6 +440,8 @@ def test_learning_rate_schedules():
     assert lr["linear"][35] == pytest.approx(1 - 0.9 / 4) and lr["cosine"][35] > lr["linear"][35]
     assert lr["wsd"][89] == 1.0 and lr["wsd"][90] == pytest.approx(1.0)  # stable until the last 20% of the 100 decay iterations
     assert lr["wsd"][100] == pytest.approx(0.55) and lr["wsd"][109] == pytest.approx(1 - 0.9 * 19 / 20)
+    assert lr["wsd_sqrt"][:90] == lr["wsd"][:90]  # the same until the cooldown, then 1 - sqrt of its share
+    assert lr["wsd_sqrt"][95] == pytest.approx(1 - 0.9 * 0.5) and lr["wsd_sqrt"][100] == pytest.approx(1 - 0.9 * 0.5 ** 0.5)
     assert get_lr(50, 1.0, 0.1, 10, 110, decay=False) == 1.0
     with pytest.raises(ValueError, match="lr_schedule='step'"):
         get_lr(50, 1.0, 0.1, 10, 110, schedule="step")
