@@ -21,6 +21,7 @@ with a meta.json holds a complete set.
 >>> x.shape, x.dtype, bool((x[:, 1:] == y[:, :-1]).all())
 (torch.Size([4, 8]), torch.int64, True)
 """
+import hashlib
 import json
 import os
 import struct
@@ -216,6 +217,40 @@ class TokenDataset:
             raise ValueError(f"the {split} split of {self.data_dir} has {n:,} tokens, fewer than block_size + 1 = "
                              f"{block_size + 1:,}: use a smaller block_size or prepare more text")
         return torch.randint(n - block_size, (batch_size,), generator=generator)
+
+    def epoch_offsets(self, split: str, first: int, count: int, block_size: int, seed: int) -> torch.Tensor:
+        """The start offsets of windows first .. first + count - 1 of a stream that reads split in epochs: each
+        epoch cuts it into windows of block_size tokens (from a random phase, so the cuts move from epoch to
+        epoch), in a random order, every window once. Stateless: window k depends only on (seed, k), so a
+        resumed run and N processes draw what one uninterrupted process draws."""
+        if split not in self.splits:
+            raise ValueError(f"no split {split!r} in {self.data_dir} (it has {sorted(self.splits)})")
+        n = len(self.splits[split])
+        windows = (n - 1) // block_size - 1  # per epoch: room for the phase, and for the target one token on
+        if windows < 1:
+            raise ValueError(f"the {split} split of {self.data_dir} has {n:,} tokens, fewer than 2 * block_size "
+                             f"+ 1 = {2 * block_size + 1:,}: use a smaller block_size or prepare more text")
+        offsets = []
+        for k in range(first, first + count):
+            epoch, index = divmod(k, windows)
+            phase, order = self._epoch_order(split, epoch, windows, block_size, seed)
+            offsets.append(phase + int(order[index]) * block_size)
+        return torch.tensor(offsets, dtype=torch.int64)
+
+    def _epoch_order(self, split, epoch, windows, block_size, seed):
+        """(phase, permutation of the windows) of one epoch, kept for the epoch's batches."""
+        key = (split, epoch, windows, block_size, seed)
+        if getattr(self, "_order_key", None) != key:
+            digest = hashlib.blake2b(f"{seed}/{split}/epoch/{epoch}".encode(), digest_size=8).digest()
+            g = torch.Generator().manual_seed(int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF)
+            phase = int(torch.randint(block_size, (1,), generator=g))
+            self._order_key, self._order = key, (phase, torch.randperm(windows, generator=g))
+        return self._order
+
+    def get_epoch_batch(self, split: str, first: int, batch_size: int, block_size: int, seed: int, device="cpu"):
+        """Windows first .. first + batch_size - 1 of the epochs stream (epoch_offsets): x (B, T) and y."""
+        return gather(self.splits[split], self.epoch_offsets(split, first, batch_size, block_size, seed),
+                      block_size, device)
 
     def get_batch(self, split: str, batch_size: int, block_size: int, generator: torch.Generator,
                   device="cpu"):

@@ -44,6 +44,8 @@ batch_size = 16  # sequences per micro-batch
 block_size = 256  # tokens per sequence
 gradient_accumulation_steps = 1  # micro-batches per optimizer step, summed over all processes
 train_fraction = 1.0  # train on the first fraction of the train split's tokens only (data-size studies)
+sampling = "random"  # "random": each window from a random offset; "epochs": the train split read in epochs,
+#                     every window once an epoch, in a random order (data.TokenDataset.epoch_offsets)
 # model (vocab_size comes from the data)
 n_layer = 4  # transformer blocks
 n_head = 4  # attention heads per block (n_embd must divide by it)
@@ -151,6 +153,8 @@ def main():
     run_config = {"model": model_config.to_dict(), "tokenizer": tokenizer_info(meta),
                   "train": settings_of(globals())}
     model = GPT(model_config).to(dev)
+    if sampling not in ("random", "epochs"):
+        raise ConfigError(f"sampling={sampling!r}: choose random or epochs")
     if optim not in ("adamw", "muon"):
         raise ConfigError(f"optim={optim!r}: choose adamw or muon")
     if lr_schedule not in ("cosine", "linear", "wsd", "wsd_sqrt") or not 0 < cooldown <= 1:
@@ -242,8 +246,12 @@ def main():
         set_lr(optimizer, lr)
         step_loss = torch.zeros((), device=dev)
         for micro in range(micro_steps):
-            g = torch.Generator().manual_seed(batch_seed(seed, "train", it, rank * micro_steps + micro))
-            x, y = dataset.get_batch("train", batch_size, block_size, g, dev)
+            if sampling == "epochs":  # this micro-batch's windows of the epochs stream
+                first = ((it * world_size + rank) * micro_steps + micro) * batch_size
+                x, y = dataset.get_epoch_batch("train", first, batch_size, block_size, seed, dev)
+            else:
+                g = torch.Generator().manual_seed(batch_seed(seed, "train", it, rank * micro_steps + micro))
+                x, y = dataset.get_batch("train", batch_size, block_size, g, dev)
             if ddp:
                 model.require_backward_grad_sync = micro == micro_steps - 1
             with autocast:

@@ -189,6 +189,32 @@ def test_split_too_small(dataset):
         dataset.get_batch("test", 2, 8, torch.Generator())
 
 
+def test_epoch_offsets_read_every_window_once_an_epoch(dataset):
+    """5,000 tokens in windows of 64: 77 an epoch, each once, in a random order, the cuts moved by each epoch's
+    phase; any run of windows is the same whichever calls drew it (a resumed run, other processes)."""
+    T, n = 64, 5000
+    windows = (n - 1) // T - 1
+    stream = dataset.epoch_offsets("train", 0, 3 * windows, T, seed=1).tolist()
+    phases = set()
+    for e in range(3):
+        epoch = sorted(stream[e * windows:(e + 1) * windows])
+        phase = epoch[0] % T
+        assert epoch == [phase + i * T for i in range(windows)], e  # every window of the epoch once
+        assert epoch[-1] + T + 1 <= n  # the last window's target is in the split
+        assert stream[e * windows:(e + 1) * windows] != epoch  # not in file order
+        phases.add(phase)
+    assert len(phases) > 1
+    assert dataset.epoch_offsets("train", 70, 20, T, seed=1).tolist() == stream[70:90]  # across an epoch's end
+    assert dataset.epoch_offsets("train", 0, windows, T, seed=2).tolist() != stream[:windows]
+    x, y = dataset.get_epoch_batch("train", 70, 20, T, seed=1)
+    x_ref, y_ref = data.gather_reference(dataset.splits["train"], torch.tensor(stream[70:90]), T)
+    assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    with pytest.raises(ValueError, match="fewer than 2 \\* block_size"):
+        dataset.epoch_offsets("val", 0, 1, 150, seed=1)  # 300 tokens: no room for a phase
+    with pytest.raises(ValueError, match="no split 'test'"):
+        dataset.epoch_offsets("test", 0, 1, 8, seed=1)
+
+
 def test_mismatched_tokenizer_is_refused(tmp_path, gpt2):
     other = Tokenizer({bytes([i]): i for i in range(256)}, {"<|endoftext|>": 256}, name="bytes")
     d = make_dataset(tmp_path / "d", np.arange(100), np.arange(100), tokenizer=gpt2)
