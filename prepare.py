@@ -1,7 +1,7 @@
 """
 Turn a text corpus into the token files that train.py reads: data/<name>/{train.bin, val.bin, meta.json}.
 
-    python prepare.py --dataset=bundled                    # 4,043 TinyStories shipped in the repo (seconds)
+    python prepare.py --dataset=bundled                    # ~4,800 TinyStories shipped in the repo (seconds)
     python prepare.py                                      # TinyStories from the Hugging Face hub (~2.1M stories)
     python prepare.py --dataset=bundled --vocab_size=4096  # train a BPE vocabulary on the train split too
     python prepare.py --input=stories.txt                  # documents separated by <|endoftext|> lines
@@ -25,14 +25,17 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from corpus import (SUFFIXES, DownloadError, check_hub_reachable, clean, file_kind, read_file, read_tinystories,
-                    read_txt, val_mask)
+from corpus import (SUFFIXES, DownloadError, check_hub_reachable, clean, file_kind, read_file,
+                    read_stories_from_paragraphs, read_tinystories, read_txt, val_mask)
 from data import HEADER_BYTES, TokenDataset, read_header, token_dtype_for, write_header
 from files import DataError, atomic_path, atomic_write, remove_stale_writes, writing
 from tokenizer import EOT, Tokenizer, special_tokens_path
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 BUNDLED = os.path.join(ROOT, "data", "tinystories_sample", "train.txt.gz")
+# ~790 more stories (the start of TinyStories' v1 validation split), exported with blank lines between paragraphs
+# and between stories alike: train-only text for the bundled corpus, whose val split stays BUNDLED's
+BUNDLED_EXTRA = os.path.join(ROOT, "data", "tinystories_sample", "valid_blankline_separated.txt.gz")
 SPLITS = ("train", "val")
 STATE_FILE = ".prepare_state.json"
 CHUNK_CHARS = 16 << 20  # characters of text tokenized at a time: bounds memory, and the work lost to a crash
@@ -48,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     # The docstring as the description, as train.py/sample.py/... print theirs (configurator.help_text).
     p = argparse.ArgumentParser(description=__doc__.strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["tinystories", "bundled"], default="tinystories",
-                     help="tinystories: download roneneldan/TinyStories from the Hugging Face hub; bundled: the "
-                          "4,043 stories in data/tinystories_sample/train.txt.gz (no network). Default tinystories")
+                     help="tinystories: download roneneldan/TinyStories from the Hugging Face hub; bundled: "
+                          "the ~4,800 stories in data/tinystories_sample (no network). Default tinystories")
     # extend: --input=a --input=b means both files (the = form takes one value, so the last would win)
     p.add_argument("--input", nargs="+", action="extend", metavar="PATH",
                      help="local files instead of --dataset: .txt, .txt.gz, .jsonl, .jsonl.gz or .parquet")
@@ -88,6 +91,9 @@ def make_passes(args):
         return [(*train_source, "train"), ("val_input", lambda: read_files(args.val_input, args), "val")]
     if not args.input and args.dataset == "tinystories":  # TinyStories ships its own validation split
         return [(*train_source, "train"), ("tinystories_validation", lambda: read_tinystories("validation"), "val")]
+    if args.dataset == "bundled":  # BUNDLED's stories split by seed, then more stories for train only
+        return [(*train_source, "seeded"),
+                ("bundled_extra", lambda: read_stories_from_paragraphs(BUNDLED_EXTRA), "train")]
     return [(*train_source, "seeded")]
 
 
@@ -160,7 +166,7 @@ def options_description(args) -> dict:
 
 def fingerprint(args) -> str:
     """What decides the output: options, and each input file's size and modification time."""
-    files = (args.input or ([BUNDLED] if args.dataset == "bundled" else [])) + (args.val_input or [])
+    files = (args.input or ([BUNDLED, BUNDLED_EXTRA] if args.dataset == "bundled" else [])) + (args.val_input or [])
     stats = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files]
     blob = json.dumps([source_description(args), options_description(args), stats], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -1,7 +1,7 @@
 # An hour on the CPU: a 3.4M-parameter model (6 layers, 192 wide, 256-token context) with the quickstart's
 # recipe (Llama-style blocks with QK-norm, Muon with q, k, v apart, AdamW tuned for the embedding as in
 # config/cpu_10min.py, warmup-stable-decay, weight decay 0.3) and dropout, since in an hour the bundled
-# sample's 0.79M training tokens are seen ~15 times.
+# sample's 0.99M training tokens are seen ~15 times.
 #   python prepare.py --dataset=bundled --vocab_size=4096
 #   python train.py config/cpu_1hour.py
 #   python sample.py --out_dir=out/cpu_1hour --start="Once upon a time"

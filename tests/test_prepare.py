@@ -162,12 +162,32 @@ def test_default_name_is_the_input_stem(tmp_path, monkeypatch):
 
 
 def test_bundled_corpus_split(tmp_path):
+    """The bundled train.txt's 4,043 stories split by seed; the extra stories all go to train, after them, so the
+    val split is what it was without them."""
     out = prep(tmp_path, "--dataset=bundled")
-    meta = json.load(open(os.path.join(out, "meta.json")))
-    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 4043
-    assert 300 < meta["splits"]["val"]["documents"] < 500
+    stories = list(prepare.read_txt(prepare.BUNDLED, "eot"))
+    extra = list(prepare.read_stories_from_paragraphs(prepare.BUNDLED_EXTRA))
+    assert len(stories) == 4043 and 700 < len(extra) < 900
+    train, val = expected_split(stories)
+    assert 300 < len(val) < 500
     docs = read_docs(out)
+    assert docs["val"] == val
+    assert docs["train"] == train + extra
     assert docs["train"][0].startswith("One day, a little girl named Lily found a needle in her room.")
+    assert extra[1].startswith("Once upon a time, in a big forest, there lived a rhinoceros named Roxy.")
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert meta["splits"]["train"]["documents"] == len(train) + len(extra)
+
+
+def test_stories_from_paragraphs(tmp_path):
+    """A paragraph that opens with "Once" starts a story; the others join the one before, a line each."""
+    text = ("the end of a story cut off.\n\nOnce upon a time, a cat.\n\nThe cat sat.\n\n\n"
+            "Once there was a dog.\n\nIt ran.\nIt stopped.\n\nLily and Ben played.\n")
+    path = tmp_path / "paragraphs.txt"
+    path.write_text(text)
+    assert list(prepare.read_stories_from_paragraphs(str(path))) == [
+        "the end of a story cut off.", "Once upon a time, a cat.\nThe cat sat.",
+        "Once there was a dog.\nIt ran.\nIt stopped.\nLily and Ben played."]
 
 
 # --- a trained vocabulary, and cleaning ------------------------------------------------------------------
