@@ -14,6 +14,7 @@ device = "cpu"
 dtype = "float32"
 
 batch_size = 16
+sampling = "epochs"  # every window once a pass, in a random order: 0.903 against 0.942 for random offsets (round 15)
 block_size = 256  # most of a ~210-token story in view: 0.9675 against 0.9805 for 128 (docs/ablate.md, round 7)
 n_layer = 4
 n_head = 4

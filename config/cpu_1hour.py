@@ -17,6 +17,7 @@ dtype = "float32"
 
 batch_size = 16
 block_size = 256
+sampling = "epochs"  # every window once a pass (docs/ablate.md, round 15)
 n_layer = 6
 n_head = 6
 n_embd = 192

@@ -15,6 +15,7 @@ init_from = "auto"
 batch_size = 64
 block_size = 512
 gradient_accumulation_steps = 4  # 64 * 512 * 4 = 131,072 tokens per step
+sampling = "epochs"  # every window once a pass: random offsets would leave ~37% of a single pass unread
 n_layer = 6
 n_head = 6
 n_embd = 384
