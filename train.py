@@ -353,9 +353,11 @@ def main():
     if ddp:
         # A gloo worker thread frees the tensors of a finished collective a moment after it returns, taking the
         # GIL to do so; if the interpreter is exiting by then, the process aborts ("terminate called without an
-        # active exception"). Waiting in a barrier releases the GIL and gives the workers that moment.
+        # active exception"). Waiting in a barrier releases the GIL and gives the workers that moment; the barrier
+        # is a collective too, so a short sleep after it gives its own clean-up the same (CI saw one abort without).
         dist.barrier()
         dist.destroy_process_group()
+        time.sleep(0.2)
     if stopped:  # saved, but not finished: not a success for whoever runs it (ablate.py, a shell script)
         return 128 + (stop_signal[0] if stop_signal else signal.SIGINT)
     return 0
