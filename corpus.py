@@ -61,7 +61,6 @@ def read_txt(path: str, separator: str, max_doc_chars: int = MAX_DOC_CHARS):
         yield "".join(lines).strip("\n")
 
 
-
 def read_stories_from_paragraphs(path: str, opening: str = "Once"):
     """Stories of a file whose paragraphs and stories are both separated by blank lines (the bundled
     valid_blankline_separated.txt): a paragraph that begins with `opening` starts a new story, the others join
@@ -77,6 +76,7 @@ def read_stories_from_paragraphs(path: str, opening: str = "Once"):
         story.append(paragraph)
     if story:
         yield "\n".join(story)
+
 
 def read_jsonl(path: str, text_field: str):
     """The text_field of each JSON object, one per line (blank lines are skipped)."""
